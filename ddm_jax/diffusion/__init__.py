@@ -1,0 +1,36 @@
+"""Diffusion as a latent-variable model: pure functions, no network, trainer or dataset.
+
+Conventions (DESIGN.md): t in [0, 1], t = 0 data, gamma(t) = -log SNR(t) increasing,
+alpha_t^2 = sigmoid(-gamma_t), sigma_t^2 = sigmoid(gamma_t), z_t = alpha_t x + sigma_t eps.
+"""
+from ddm_jax.diffusion.elbo import (
+    WEIGHTINGS,
+    bits_per_dim,
+    denoising_loss,
+    diffusion_loss,
+    diffusion_weight,
+    prior_loss,
+    reconstruction_logits,
+    reconstruction_loss,
+    sample_times,
+    sum_over_data_dims,
+)
+from ddm_jax.diffusion.parameterization import (
+    PARAMETERIZATIONS,
+    check_parameterization,
+    eps_from,
+    from_eps,
+    target_and_eps_scale,
+    x0_from_eps,
+)
+from ddm_jax.diffusion.process import (
+    alpha_sigma,
+    decode,
+    encode,
+    posterior,
+    posterior_coefficient,
+    q_sample,
+    snr,
+)
+from ddm_jax.diffusion.samplers import ancestral_sample, ancestral_step
+from ddm_jax.diffusion.schedules import SCHEDULES, SHAPE_PARAMS, build_schedule, ddpm_log_alphabar

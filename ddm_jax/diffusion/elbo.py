@@ -1,0 +1,124 @@
+"""The VDM evidence lower bound as pure functions, in nats per example.
+
+-log p(k) <= reconstruction + prior + diffusion   (VDM, eq. 11; DESIGN.md "ELBO terms")
+  1. reconstruction: -E_{q(z_0|x)} log p(k | z_0), a softmax over the V data values per dimension.
+  2. prior:          KL(q(z_1 | x) || N(0, I)), in closed form.
+  3. diffusion:      continuous time (T = 0): 1/2 E_t [gamma'(t) ||eps - eps_hat(z_t; gamma_t)||^2],
+                     T steps:                 T/2 E_i [expm1(gamma_t - gamma_s) ||eps - eps_hat||^2].
+DDPM's L_simple = E ||eps - eps_hat||^2 (seed Algorithm 1) is the diffusion term with weight 1.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddm_jax.diffusion.parameterization import check_parameterization, target_and_eps_scale
+from ddm_jax.diffusion.process import alpha_sigma, encode, q_sample
+
+WEIGHTINGS = ("elbo", "simple")
+
+
+def sum_over_data_dims(x: jax.Array) -> jax.Array:
+    """[B, ...] -> [B]."""
+    return x.reshape(x.shape[0], -1).sum(-1)
+
+
+def bits_per_dim(nats: jax.Array, num_dims: int) -> jax.Array:
+    """nats / (D ln 2)."""
+    return nats / (num_dims * np.log(2.0))
+
+
+# 1. Reconstruction ---------------------------------------------------------------------------
+
+def reconstruction_logits(z_0: jax.Array, gamma_0: jax.Array, vocab_size: int) -> jax.Array:
+    """log N(z_0; alpha_0 x_v, sigma_0^2) over the V values x_v, up to a constant: [..., V].
+
+    Written as -SNR_0 (z_0 / alpha_0 - x_v)^2 / 2, the form that stays accurate for gamma_0 << 0.
+    """
+    x_values = encode(jnp.arange(vocab_size), vocab_size)
+    alpha_0, _ = alpha_sigma(gamma_0)
+    return -0.5 * jnp.exp(-gamma_0) * jnp.square(z_0[..., None] / alpha_0 - x_values)
+
+
+def reconstruction_loss(rng: jax.Array, k: jax.Array, gamma_0, *, vocab_size: int) -> jax.Array:
+    """-log p(k | z_0) with z_0 ~ q(z_0 | x), summed over dimensions: [B] nats.
+
+    gamma_0 is a scalar (the schedule at t = 0).
+    """
+    x = encode(k, vocab_size)
+    z_0 = q_sample(x, gamma_0, jax.random.normal(rng, x.shape))
+    logits = reconstruction_logits(z_0, gamma_0, vocab_size)
+    log_p = jnp.take_along_axis(jax.nn.log_softmax(logits), k[..., None].astype(jnp.int32), -1)
+    return -sum_over_data_dims(log_p[..., 0])
+
+
+# 2. Prior ------------------------------------------------------------------------------------
+
+def prior_loss(x: jax.Array, gamma_1) -> jax.Array:
+    """KL(N(alpha_1 x, sigma_1^2) || N(0, 1)) = 1/2 (sigma_1^2 + alpha_1^2 x^2 - 1 - log sigma_1^2), summed: [B]."""
+    sigma2 = jax.nn.sigmoid(gamma_1)
+    alpha2 = jax.nn.sigmoid(-gamma_1)
+    log_sigma2 = jax.nn.log_sigmoid(gamma_1)
+    return sum_over_data_dims(0.5 * (sigma2 + alpha2 * jnp.square(x) - 1.0 - log_sigma2))
+
+
+# 3. Diffusion --------------------------------------------------------------------------------
+
+def sample_times(rng: jax.Array, batch_size: int, *, T: int = 0, antithetic: bool = True) -> jax.Array:
+    """t in (0, 1]: low-discrepancy t_b = mod(u + b / B, 1) with one u per batch, or i.i.d. uniform.
+
+    With T > 0 steps, t is rounded up onto the grid {1/T, ..., 1}, so s = t - 1/T >= 0.
+    """
+    if antithetic:
+        u = jax.random.uniform(rng)
+        t = jnp.mod(u + jnp.arange(batch_size) / batch_size, 1.0)
+    else:
+        t = jax.random.uniform(rng, (batch_size,))
+    if T > 0:
+        t = (jnp.floor(t * T) + 1.0) / T
+    return t
+
+
+def diffusion_weight(gamma_fn, t: jax.Array, *, T: int = 0) -> tuple[jax.Array, jax.Array]:
+    """(gamma_t, w_t) such that the diffusion term is 1/2 w_t ||eps - eps_hat||^2.
+
+    Continuous time: w_t = gamma'(t), by forward-mode autodiff of gamma_fn.
+    T steps:         w_t = T expm1(gamma_t - gamma_s), s = t - 1/T.
+    """
+    if T == 0:
+        return jax.jvp(gamma_fn, (t,), (jnp.ones_like(t),))
+    gamma_t = gamma_fn(t)
+    gamma_s = gamma_fn(t - 1.0 / T)
+    return gamma_t, T * jnp.expm1(gamma_t - gamma_s)
+
+
+def denoising_loss(x, eps, gamma_t, weight, denoise_fn, *, parameterization: str = "eps") -> jax.Array:
+    """1/2 w_t ||eps - eps_hat(z_t; gamma_t)||^2 summed over dimensions, for given t and eps: [B].
+
+    The prediction is compared with its own target and mapped to eps-space by an exact factor
+    (`target_and_eps_scale`), so equivalent predictions in any parameterization give this loss.
+    """
+    z_t = q_sample(x, gamma_t, eps)
+    prediction = denoise_fn(z_t, gamma_t)
+    target, scale = target_and_eps_scale(x, eps, z_t, gamma_t, parameterization)
+    return 0.5 * weight * sum_over_data_dims(jnp.square(scale * (target - prediction)))
+
+
+def diffusion_loss(rng: jax.Array, x: jax.Array, denoise_fn, gamma_fn, *, T: int = 0,
+                   parameterization: str = "eps", antithetic: bool = True,
+                   weighting: str = "elbo") -> jax.Array:
+    """The diffusion term of the ELBO (weighting="elbo"), or DDPM's L_simple (weighting="simple"): [B].
+
+    With weighting="simple" the per-example loss is ||eps - eps_hat||^2 (seed Algorithm 1): the
+    same estimator with w_t = 2.
+    """
+    check_parameterization(parameterization)
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"model.loss={weighting!r} is not one of {WEIGHTINGS}")
+    rng_t, rng_eps = jax.random.split(rng)
+    t = sample_times(rng_t, x.shape[0], T=T, antithetic=antithetic)
+    if weighting == "simple":
+        gamma_t, weight = gamma_fn(t), jnp.full_like(t, 2.0)
+    else:
+        gamma_t, weight = diffusion_weight(gamma_fn, t, T=T)
+    eps = jax.random.normal(rng_eps, x.shape)
+    return denoising_loss(x, eps, gamma_t, weight, denoise_fn, parameterization=parameterization)
