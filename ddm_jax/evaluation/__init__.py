@@ -1,0 +1,1 @@
+"""Evaluation: bits/dim, sample quality, task metrics and image output."""

@@ -1,0 +1,1 @@
+"""Training infrastructure: optimizer, train state, checkpoints, device mesh."""

@@ -1,0 +1,194 @@
+"""Checkpoints over orbax's CheckpointManager: atomic, keep-N, every N steps, resumable.
+
+Each step directory holds three items, committed together by orbax's atomic rename:
+  state        the TrainState (any pytree of arrays), sharded arrays included;
+  fingerprint  JSON describing the architecture (model config and parameter shapes);
+  extra        small JSON the trainer wants back on resume (e.g. the data position).
+Because the fingerprint is part of every committed step, a finished checkpoint always
+carries it; a crash mid-save leaves only an uncommitted temporary directory that orbax
+ignores. Opening a directory whose checkpoints carry another fingerprint is refused
+before anything in it is touched.
+"""
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+PyTree = Any
+_ABSENT = "<absent>"
+_MAX_REPORTED_DIFFERENCES = 10
+
+
+def param_shapes(params: PyTree) -> dict[str, str]:
+    """{"path/to/leaf": "float32[3, 4]"} for every leaf (arrays or jax.ShapeDtypeStruct)."""
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="/"):
+            f"{np.dtype(leaf.dtype).name}{list(np.shape(leaf))}"
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+    }
+
+
+def make_fingerprint(model_config: Mapping, params: PyTree) -> dict:
+    """The architecture description stored with each checkpoint: model config and param shapes."""
+    config = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+    return {"model": config, "params": param_shapes(params)}
+
+
+def _as_json(fingerprint: Mapping) -> dict:
+    """The fingerprint as it reads back from JSON (tuples become lists)."""
+
+    def refuse(value):
+        raise ValueError(
+            f"checkpoint fingerprint holds {value!r} of type {type(value).__name__}: expected "
+            "only JSON values (str, int, float, bool, None, list, dict)")
+
+    return json.loads(json.dumps(fingerprint, default=refuse, sort_keys=True))
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings to {"a.b.c": leaf}."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def fingerprint_differences(stored: Mapping, current: Mapping) -> list[str]:
+    """'key: stored != current' for every dotted key whose value differs, sorted by key."""
+    stored, current = _flatten(stored), _flatten(current)
+    return [
+        f"{key}: {stored.get(key, _ABSENT)!r} != {current.get(key, _ABSENT)!r}"
+        for key in sorted(stored.keys() | current.keys())
+        if stored.get(key, _ABSENT) != current.get(key, _ABSENT)
+    ]
+
+
+def _describe(differences: list[str]) -> str:
+    shown = "; ".join(differences[:_MAX_REPORTED_DIFFERENCES])
+    hidden = len(differences) - _MAX_REPORTED_DIFFERENCES
+    return shown + (f"; and {hidden} more" if hidden > 0 else "")
+
+
+def check_fingerprint(directory: str | os.PathLike, fingerprint: Mapping) -> None:
+    """Raises ValueError if any checkpoint in `directory` lacks or differs from `fingerprint`.
+
+    Reads only: nothing in `directory` is created, changed or removed.
+    """
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return
+    current = _as_json(fingerprint)
+    read_only = ocp.CheckpointManagerOptions(
+        read_only=True, create=False, save_interval_steps=0, save_root_metadata=False)
+    with ocp.CheckpointManager(directory, options=read_only) as reader:
+        for step in sorted(reader.all_steps(), reverse=True):
+            if "fingerprint" not in (reader.metadata(step).item_metadata or {}):
+                raise ValueError(
+                    f"checkpoint directory {directory} holds step {step} without an architecture "
+                    "fingerprint (not written by ddm_jax); use a new --workdir, or move that directory away yourself")
+            stored = reader.restore(
+                step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore())).fingerprint
+            differences = fingerprint_differences(stored, current)
+            if differences:
+                raise ValueError(
+                    f"checkpoint directory {directory} holds checkpoints of another architecture "
+                    f"(step {step}, checkpoint != now: {_describe(differences)}); "
+                    "use a new --workdir, or delete that directory yourself")
+
+
+def _abstract(target: PyTree) -> PyTree:
+    """Shapes, dtypes and shardings of `target` (arrays or jax.ShapeDtypeStruct leaves)."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+
+
+class CheckpointStore:
+    """Saves and restores TrainStates of one architecture in one directory.
+
+    Usage: `with CheckpointStore(workdir / "checkpoints", fingerprint=fp) as store: ...`
+    All processes of a multi-host job open, save and restore together.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        fingerprint: Mapping,
+        max_to_keep: int | None = 3,
+        save_interval_steps: int = 1,
+    ):
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError(f"max_to_keep = {max_to_keep}: expected >= 1, or None to keep all")
+        if save_interval_steps < 1:
+            raise ValueError(f"save_interval_steps = {save_interval_steps}: expected >= 1")
+        check_fingerprint(directory, fingerprint)
+        self._fingerprint = _as_json(fingerprint)
+        self._manager = ocp.CheckpointManager(
+            os.fspath(directory),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, save_interval_steps=save_interval_steps),
+        )
+
+    @property
+    def directory(self) -> str:
+        return os.fspath(self._manager.directory)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: PyTree, *, extra: Mapping | None = None, force: bool = False) -> bool:
+        """Saves (asynchronously) when `step` is due or `force`; True if a save started.
+
+        A step that is already saved is never overwritten.
+        """
+        if step in self._manager.all_steps():
+            return False
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                fingerprint=ocp.args.JsonSave(self._fingerprint),
+                extra=ocp.args.JsonSave(dict(extra or {})),
+            ),
+            force=force,
+        )
+
+    def _check_step(self, step: int) -> None:
+        if step not in self._manager.all_steps():
+            raise ValueError(
+                f"checkpoint directory {self.directory} has no step {step}; "
+                f"expected one of {self.all_steps()}")
+
+    def restore(self, step: int, target_state: PyTree) -> PyTree:
+        """The state saved at `step`, with the structure, dtypes and shardings of `target_state`."""
+        self._check_step(step)
+        return self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target_state)))).state
+
+    def restore_extra(self, step: int) -> dict:
+        """The `extra` JSON saved with `step`."""
+        self._check_step(step)
+        return self._manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore())).extra
+
+    def wait_until_finished(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and deletions, then releases the manager."""
+        self._manager.close()
+
+    def __enter__(self) -> "CheckpointStore":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
