@@ -24,6 +24,8 @@ setup(
         "numpy>=1.26,<3",
         "scikit-learn>=1.4,<2",
         "pillow>=10",
+        # tfds 4.9.10 imports it unconditionally (tensorflow/datasets#11212).
+        "importlib_resources>=5",
     ],
     extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11"]},
 )

@@ -1,0 +1,178 @@
+"""Training and evaluation of a VDM from a config: the loop, its checks and its outputs.
+
+train_and_evaluate(config, workdir) trains (resuming from the latest checkpoint in workdir),
+evaluates test bits/dim every `training.eval_every` steps, writes sample grids, and returns
+the final evaluation. evaluate(config, workdir) reports the bits/dim of the latest checkpoint.
+Everything that can be checked without compiling is checked first (`check_config`).
+"""
+import functools
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from ddm_jax.data import DatasetSpec, dataset_spec, eval_batches, train_batches
+from ddm_jax.evaluation.bpd import evaluate_bpd
+from ddm_jax.evaluation.images import image_grid, save_png, to_uint8
+from ddm_jax.models.vdm import VDM, build_vdm
+from ddm_jax.training.checkpoints import CheckpointStore, make_fingerprint
+from ddm_jax.training.optimizer import make_optimizer, validate_optimizer_config
+from ddm_jax.training.sharding import make_mesh, replicate, replicated, shard_batch
+from ddm_jax.training.train_state import TrainState, apply_updates, create_train_state
+
+POSITIVE_TRAINING_FIELDS = ("batch_size", "log_every", "eval_every", "checkpoint_every",
+                            "keep_checkpoints", "sample_every", "num_samples", "sample_steps")
+
+
+def check_config(config: ml_collections.ConfigDict) -> tuple[DatasetSpec, VDM]:
+    """Validates the config against the data; returns the dataset spec and the model. No compilation."""
+    for field in POSITIVE_TRAINING_FIELDS:
+        value = config.training[field]
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"training.{field}={value!r} must be an integer >= 1")
+    if not (isinstance(config.training.num_steps, int) and config.training.num_steps >= 0):
+        raise ValueError(f"training.num_steps={config.training.num_steps!r} must be an integer >= 0")
+    if not 0.0 <= config.training.ema_decay < 1.0:
+        raise ValueError(f"training.ema_decay={config.training.ema_decay!r} must be in [0, 1)")
+    for field in ("batch_size", "num_time_samples"):
+        if not (isinstance(config.eval[field], int) and config.eval[field] >= 1):
+            raise ValueError(f"eval.{field}={config.eval[field]!r} must be an integer >= 1")
+    validate_optimizer_config(config.optimizer)
+    spec = dataset_spec(config.data.dataset, config.data.data_dir)
+    if config.data.vocab_size is not None and config.data.vocab_size != spec.vocab_size:
+        raise ValueError(
+            f"data.vocab_size={config.data.vocab_size} disagrees with dataset {spec.name!r}, whose "
+            f"values lie in [0, {spec.vocab_size}); set data.vocab_size={spec.vocab_size} or leave it unset")
+    return spec, build_vdm(config.model, spec.image_shape, spec.vocab_size)
+
+
+def train_step(model: VDM, optimizer, ema_decay, state: TrainState, images, rng):
+    """One AdamW step on the batch's loss; metrics are batch means (and the diffusion term's variance)."""
+    rng = jax.random.fold_in(rng, state.step)
+    (loss, terms), grads = model.value_and_grad(state.params, rng, images)
+    state = apply_updates(state, grads, optimizer, ema_decay)
+    num_dims = math.prod(images.shape[1:])
+    to_bpd = 1.0 / (num_dims * jnp.log(2.0))
+    metrics = {
+        "loss": loss,
+        "bpd": terms["bpd"].mean(),
+        "reconstruction_bpd": terms["reconstruction"].mean() * to_bpd,
+        "prior_bpd": terms["prior"].mean() * to_bpd,
+        "diffusion_bpd": terms["diffusion"].mean() * to_bpd,
+        "diffusion_bpd_variance": jnp.var(terms["diffusion"] * to_bpd),
+        "grad_norm": optax.global_norm(grads),
+    }
+    return state, metrics
+
+
+class Experiment:
+    """The pieces of one config on one mesh: model, optimizer, compiled steps, data."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        self.config, self.workdir = config, workdir
+        self.spec, self.model = check_config(config)
+        self.mesh = make_mesh()
+        self.optimizer = make_optimizer(config.optimizer)
+        self.rng = jax.random.PRNGKey(config.training.seed)
+        self.num_dims = math.prod(self.spec.image_shape)
+        state_sharding = replicated(self.mesh)
+        self.train_step = jax.jit(
+            functools.partial(train_step, self.model, self.optimizer, config.training.ema_decay),
+            out_shardings=(state_sharding, state_sharding), donate_argnums=(0,))
+        self.elbo_terms = jax.jit(self.model.elbo_terms)
+        self.sample = jax.jit(self.model.sample, static_argnums=(2, 3), static_argnames=("steps",))
+
+    def initial_state(self) -> TrainState:
+        params = self.model.init(jax.random.fold_in(self.rng, 0), self.spec.image_shape)
+        return replicate(create_train_state(params, self.optimizer), self.mesh)
+
+    def checkpoints(self, state: TrainState) -> CheckpointStore:
+        fingerprint = make_fingerprint(self.config.model, state.params)
+        fingerprint["data"] = {"dataset": self.spec.name, "image_shape": list(self.spec.image_shape),
+                               "vocab_size": self.spec.vocab_size}
+        return CheckpointStore(
+            os.path.join(self.workdir, "checkpoints"), fingerprint=fingerprint,
+            max_to_keep=self.config.training.keep_checkpoints,
+            save_interval_steps=self.config.training.checkpoint_every)
+
+    def evaluate(self, params) -> dict[str, float]:
+        batches = eval_batches(self.spec, batch_size=self.config.eval.batch_size,
+                               data_dir=self.config.data.data_dir)
+        sharded = ({"image": shard_batch(b["image"], self.mesh), "mask": b["mask"]} for b in batches)
+        return evaluate_bpd(self.elbo_terms, params, jax.random.fold_in(self.rng, 1), sharded,
+                            num_dims=self.num_dims, num_time_samples=self.config.eval.num_time_samples)
+
+    def write_samples(self, writer, step: int, params) -> str:
+        training = self.config.training
+        k = self.sample(params, jax.random.fold_in(self.rng, 2), training.num_samples,
+                        self.spec.image_shape, steps=training.sample_steps)
+        grid = image_grid(to_uint8(np.asarray(jax.device_get(k)), self.spec.vocab_size))
+        path = os.path.join(self.workdir, "samples", f"step_{step}.png")
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            save_png(path, grid)
+        writer.write_images(step, {"samples": grid[None]})
+        return path
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains for training.num_steps steps (resuming if workdir holds a checkpoint); returns the final eval."""
+    experiment = Experiment(config, workdir)
+    training = config.training
+    state = experiment.initial_state()
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    with experiment.checkpoints(state) as store:
+        start = store.latest_step() or 0
+        if start:
+            state = store.restore(start, state)
+            logging.info("Resumed from step %d in %s", start, store.directory)
+        batches = train_batches(experiment.spec, batch_size=training.batch_size, seed=training.seed,
+                                data_dir=config.data.data_dir, start_step=start,
+                                process_index=jax.process_index(), process_count=jax.process_count())
+        report = periodic_actions.ReportProgress(num_train_steps=training.num_steps, writer=writer)
+        train_rng = jax.random.fold_in(experiment.rng, 3)
+        started = time.time()
+        history = []
+        for step in range(start + 1, training.num_steps + 1):
+            images = shard_batch(next(batches)["image"], experiment.mesh)
+            state, metrics = experiment.train_step(state, images, train_rng)
+            history.append(metrics)
+            report(step)
+            if step % training.log_every == 0:
+                means = jax.tree.map(lambda *v: float(np.mean(v)), *jax.device_get(history))
+                writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
+                history = []
+            if step % training.eval_every == 0 or step == training.num_steps:
+                evaluation = experiment.evaluate(state.ema_params)
+                writer.write_scalars(step, {f"eval/{k}": v for k, v in evaluation.items()})
+            if step % training.sample_every == 0 or step == training.num_steps:
+                samples_path = experiment.write_samples(writer, step, state.ema_params)
+            store.save(step, state, force=step == training.num_steps)
+        store.wait_until_finished()
+        final_step = int(state.step)
+        if final_step == start:  # nothing left to train: report the checkpoint as it is
+            evaluation = experiment.evaluate(state.ema_params)
+            samples_path = experiment.write_samples(writer, final_step, state.ema_params)
+        writer.flush()
+        return {**evaluation, "step": final_step, "train_seconds": time.time() - started,
+                "workdir": workdir, "checkpoint": os.path.join(store.directory, str(store.latest_step())),
+                "samples": samples_path}
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Test bits/dim of the latest checkpoint's EMA parameters in workdir; refuses an empty workdir."""
+    experiment = Experiment(config, workdir)
+    state = experiment.initial_state()
+    with experiment.checkpoints(state) as store:
+        step = store.latest_step()
+        if step is None:
+            raise ValueError(f"--workdir={workdir} holds no checkpoint to evaluate; train first")
+        state = store.restore(step, state)
+    return {**experiment.evaluate(state.ema_params), "step": step}

@@ -1,0 +1,248 @@
+"""Tests of ddm_jax.data: the offline digits builder and the input pipeline."""
+
+import itertools
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from sklearn.datasets import load_digits
+
+from ddm_jax import data
+
+
+class UnreachableSource(tfds.core.GeneratorBasedBuilder):
+    """A dataset whose source cannot be fetched, as without a network."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        image = tfds.features.Image(shape=(2, 2, 1))
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"image": image}))
+
+    def _split_generators(self, dl_manager):
+        raise ConnectionError("no route to host")
+
+    def _generate_examples(self):
+        yield from ()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+    """A TFDS data_dir with digits prepared in it."""
+    path = str(tmp_path_factory.mktemp("tfds"))
+    tfds.builder("digits", data_dir=path).download_and_prepare()
+    return path
+
+
+@pytest.fixture(scope="module")
+def digits_splits(data_dir) -> dict[str, dict[str, np.ndarray]]:
+    return {
+        split: tfds.as_numpy(tfds.load("digits", split=split, data_dir=data_dir, batch_size=-1))
+        for split in ("train", "test")
+    }
+
+
+def _rows(images: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+    """Examples as rows (flattened image, then label), sorted lexicographically."""
+    rows = images.reshape(len(images), -1).astype(np.int64)
+    if labels is not None:
+        rows = np.concatenate([rows, labels[:, None]], axis=1)
+    return rows[np.lexsort(rows.T[::-1])]
+
+
+def _image_keys(images: np.ndarray) -> list[bytes]:
+    """sklearn's digit images are all distinct, so an image's bytes name its example."""
+    return [image.tobytes() for image in images]
+
+
+def _take(iterator, count: int) -> list[dict[str, np.ndarray]]:
+    return list(itertools.islice(iterator, count))
+
+
+def test_digits_splits_partition_sklearn_digits(digits_splits):
+    train, test = digits_splits["train"], digits_splits["test"]
+    assert (len(train["image"]), len(test["image"])) == (1437, 360)
+    assert not set(_image_keys(train["image"])) & set(_image_keys(test["image"]))
+    for split in (train, test):
+        assert split["image"].shape[1:] == (8, 8, 1) and split["image"].dtype == np.uint8
+    sklearn_digits = load_digits()
+    union = _rows(
+        np.concatenate([train["image"], test["image"]]), np.concatenate([train["label"], test["label"]])
+    )
+    np.testing.assert_array_equal(union, _rows(sklearn_digits.images, sklearn_digits.target))
+    assert union[:, :-1].min() == 0 and union[:, :-1].max() == 16
+
+
+def test_digits_test_split_is_the_tail_of_the_seeded_permutation(digits_splits):
+    sklearn_digits = load_digits()
+    test_indices = np.random.default_rng(0).permutation(1797)[-360:]
+    np.testing.assert_array_equal(
+        _rows(digits_splits["test"]["image"], digits_splits["test"]["label"]),
+        _rows(sklearn_digits.images[test_indices], sklearn_digits.target[test_indices]),
+    )
+
+
+def test_digits_vocab_size_metadata_survives_reload(data_dir):
+    prepared_dir = tfds.builder("digits", data_dir=data_dir).data_dir
+    reloaded = tfds.builder_from_directory(prepared_dir)  # Reads the files, not the Digits class.
+    assert dict(reloaded.info.metadata.items()) == {"vocab_size": 17}
+
+
+def test_dataset_spec_of_digits(data_dir):
+    spec = data.dataset_spec("digits", data_dir)
+    assert spec == data.DatasetSpec(
+        name="digits",
+        image_shape=(8, 8, 1),
+        vocab_size=17,
+        num_classes=10,
+        split_sizes={"train": 1437, "test": 360},
+    )
+
+
+def test_dataset_spec_prepares_digits_in_an_empty_data_dir(tmp_path):
+    assert data.dataset_spec("digits", str(tmp_path)).split_sizes == {"train": 1437, "test": 360}
+
+
+@pytest.mark.parametrize(
+    "name, image_shape", [("cifar10", (32, 32, 3)), ("mnist", (28, 28, 1))]
+)
+def test_dataset_spec_of_mocked_tfds_datasets(tmp_path, name, image_shape):
+    with tfds.testing.mock_data(num_examples=4):
+        spec = data.dataset_spec(name, str(tmp_path))
+    assert (spec.name, spec.image_shape, spec.vocab_size, spec.num_classes) == (
+        name,
+        image_shape,
+        256,
+        10,
+    )
+
+
+def test_unknown_dataset_name_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"data\.dataset='no_such_dataset'"):
+        data.dataset_spec("no_such_dataset", str(tmp_path))
+
+
+def test_unpreparable_dataset_says_how_to_prepare_it(tmp_path):
+    with pytest.raises(ValueError, match=r"data\.dataset='unreachable_source' is not prepared") as info:
+        data.train_batches("unreachable_source", batch_size=2, seed=0, data_dir=str(tmp_path))
+    assert "tfds build unreachable_source" in str(info.value)
+    assert isinstance(info.value.__cause__, ConnectionError)
+
+
+def test_train_batches_shapes_dtypes_and_values(data_dir, digits_splits):
+    batch = next(data.train_batches("digits", batch_size=32, seed=0, data_dir=data_dir))
+    assert batch["image"].shape == (32, 8, 8, 1) and batch["image"].dtype == np.uint8
+    assert batch["label"].shape == (32,) and batch["label"].dtype == np.int32
+    train_labels = dict(zip(_image_keys(digits_splits["train"]["image"]), digits_splits["train"]["label"]))
+    assert [train_labels[key] for key in _image_keys(batch["image"])] == batch["label"].tolist()
+
+
+def test_train_batches_are_a_function_of_the_seed(data_dir):
+    def first_batches(seed):
+        return _take(data.train_batches("digits", batch_size=64, seed=seed, data_dir=data_dir), 3)
+
+    same, again, other = first_batches(7), first_batches(7), first_batches(8)
+    for a, b in zip(same, again):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    assert not np.array_equal(same[0]["image"], other[0]["image"])
+
+
+def test_each_epoch_visits_distinct_examples_and_is_reshuffled(data_dir, digits_splits):
+    steps_per_epoch = 1437 // 100
+    batches = _take(data.train_batches("digits", batch_size=100, seed=3, data_dir=data_dir), 2 * steps_per_epoch)
+    epochs = [
+        _image_keys(np.concatenate([b["image"] for b in batches[e * steps_per_epoch : (e + 1) * steps_per_epoch]]))
+        for e in range(2)
+    ]
+    train_keys = set(_image_keys(digits_splits["train"]["image"]))
+    for keys in epochs:
+        assert len(set(keys)) == len(keys) == steps_per_epoch * 100
+        assert set(keys) <= train_keys
+    assert epochs[0] != epochs[1]
+
+
+@pytest.mark.parametrize("start_step", [5, 12, 100])
+def test_start_step_resumes_where_a_run_left_off(data_dir, start_step):
+    fresh = data.train_batches("digits", batch_size=100, seed=1, data_dir=data_dir)
+    expected = _take(itertools.islice(fresh, start_step, None), 4)  # 14 steps per epoch.
+    resumed = _take(
+        data.train_batches("digits", batch_size=100, seed=1, data_dir=data_dir, start_step=start_step), 4
+    )
+    for a, b in zip(expected, resumed, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+
+
+@pytest.mark.parametrize("process_count", [2, 3])
+def test_processes_split_the_global_train_batch(data_dir, process_count):
+    def batches(**kwargs):
+        return _take(data.train_batches("digits", batch_size=96, seed=5, data_dir=data_dir, **kwargs), 16)
+
+    global_batches = batches()
+    per_process = [batches(process_index=p, process_count=process_count) for p in range(process_count)]
+    for step, global_batch in enumerate(global_batches):
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(
+                np.concatenate([process[step][key] for process in per_process]), global_batch[key]
+            )
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(batch_size=101, process_count=2), r"batch_size=101 is not divisible by process_count=2"),
+        (dict(batch_size=100, process_index=2, process_count=2), r"process_index=2"),
+        (dict(batch_size=100, process_count=0), r"process_count=0"),
+        (dict(batch_size=0), r"batch_size=0"),
+        (dict(batch_size=2000), r"batch_size=2000 is larger than the 1437 training examples"),
+        (dict(batch_size=100, seed=-1), r"seed=-1"),
+        (dict(batch_size=100, start_step=-3), r"start_step=-3"),
+    ],
+)
+def test_bad_train_arguments_are_clear_errors(data_dir, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        data.train_batches("digits", data_dir=data_dir, **{"seed": 0, **kwargs})
+
+
+def test_eval_batches_count_every_example_once(data_dir, digits_splits):
+    batches = list(data.eval_batches("digits", batch_size=64, data_dir=data_dir))
+    assert len(batches) == 6  # 360 = 5 * 64 + 40.
+    assert all(b["image"].shape == (64, 8, 8, 1) and b["mask"].shape == (64,) for b in batches)
+    images = np.concatenate([b["image"][b["mask"]] for b in batches])
+    labels = np.concatenate([b["label"][b["mask"]] for b in batches])
+    test = digits_splits["test"]
+    np.testing.assert_array_equal(_rows(images, labels), _rows(test["image"], test["label"]))
+    assert batches[-1]["mask"].sum() == 40 and not batches[-1]["mask"][40:].any()
+    assert not batches[-1]["image"][40:].any() and not batches[-1]["label"][40:].any()
+
+
+def test_processes_split_the_eval_pass(data_dir):
+    global_batches = list(data.eval_batches("digits", batch_size=64, data_dir=data_dir))
+    per_process = [
+        list(data.eval_batches("digits", batch_size=64, data_dir=data_dir, process_index=p, process_count=2))
+        for p in range(2)
+    ]
+    assert len(per_process[0]) == len(per_process[1]) == len(global_batches)
+    for step, global_batch in enumerate(global_batches):
+        for key in ("image", "label", "mask"):
+            np.testing.assert_array_equal(
+                np.concatenate([process[step][key] for process in per_process]), global_batch[key]
+            )
+
+
+def test_eval_batches_reject_uneven_process_split(data_dir):
+    with pytest.raises(ValueError, match=r"batch_size=63 is not divisible by process_count=2"):
+        data.eval_batches("digits", batch_size=63, data_dir=data_dir, process_count=2)
+
+
+def test_mocked_cifar10_through_the_pipeline(tmp_path):
+    with tfds.testing.mock_data(num_examples=10):
+        spec = data.dataset_spec("cifar10", str(tmp_path))
+        train = next(data.train_batches(spec, batch_size=4, seed=0, data_dir=str(tmp_path)))
+        evaluation = list(data.eval_batches(spec, batch_size=4, data_dir=str(tmp_path)))
+    assert train["image"].shape == (4, 32, 32, 3) and train["image"].dtype == np.uint8
+    assert train["label"].shape == (4,) and train["label"].dtype == np.int32
+    assert ((train["label"] >= 0) & (train["label"] < 10)).all()
+    assert len(evaluation) == 3 and sum(int(b["mask"].sum()) for b in evaluation) == 10
+    assert all(b["image"].shape == (4, 32, 32, 3) and b["image"].dtype == np.uint8 for b in evaluation)
