@@ -31,7 +31,7 @@ def get_config():
     config.model.antithetic_time_sampling = True
     config.model.network = "score_net"  # score_net | unet
     config.model.score_net = ml_collections.ConfigDict(dict(
-        embedding_dim=64, n_layers=4, dropout=0.0, with_fourier_features=True,
+        embedding_dim=32, n_layers=4, dropout=0.0, with_fourier_features=True,
         fourier_first=6, fourier_last=8, fourier_step=1, with_attention=False))
     config.model.unet = ml_collections.ConfigDict(dict(
         ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, num_heads=1))
@@ -41,7 +41,7 @@ def get_config():
         grad_clip_norm=1.0, schedule="constant", decay_steps=0))
 
     config.training = ml_collections.ConfigDict(dict(
-        seed=0, batch_size=64, num_steps=3000, ema_decay=0.999,
+        seed=0, batch_size=64, num_steps=4000, ema_decay=0.999,
         log_every=100, eval_every=1000, checkpoint_every=1000, keep_checkpoints=3,
         sample_every=1000, num_samples=64, sample_steps=200))
 

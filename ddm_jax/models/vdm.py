@@ -49,7 +49,7 @@ class VDM:
         z = jnp.zeros((1, *image_shape))
         cond = None if cond_dim is None else jnp.zeros((1, cond_dim))
         network = self.network.init(rng_network, z, jnp.zeros((1,)), cond=cond)
-        return {"schedule": schedule.get("params", {}), "network": network["params"]}
+        return {"schedule": schedule.get("params", {}), "network": network.get("params", {})}
 
     def gamma_fn(self, schedule_params):
         return lambda t: self.schedule.apply({"params": schedule_params}, t)

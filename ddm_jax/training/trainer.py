@@ -67,7 +67,7 @@ def train_step(model: VDM, optimizer, ema_decay, state: TrainState, images, rng)
         "prior_bpd": terms["prior"].mean() * to_bpd,
         "diffusion_bpd": terms["diffusion"].mean() * to_bpd,
         "diffusion_bpd_variance": jnp.var(terms["diffusion"] * to_bpd),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
     }
     return state, metrics
 
@@ -93,8 +93,10 @@ class Experiment:
         params = self.model.init(jax.random.fold_in(self.rng, 0), self.spec.image_shape)
         return replicate(create_train_state(params, self.optimizer), self.mesh)
 
-    def checkpoints(self, state: TrainState) -> CheckpointStore:
-        fingerprint = make_fingerprint(self.config.model, state.params)
+    def checkpoints(self) -> CheckpointStore:
+        """The workdir's checkpoint store; refuses one holding another architecture (before any write)."""
+        params = jax.eval_shape(lambda rng: self.model.init(rng, self.spec.image_shape), jax.random.PRNGKey(0))
+        fingerprint = make_fingerprint(self.config.model, params)
         fingerprint["data"] = {"dataset": self.spec.name, "image_shape": list(self.spec.image_shape),
                                "vocab_size": self.spec.vocab_size}
         return CheckpointStore(
@@ -126,9 +128,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains for training.num_steps steps (resuming if workdir holds a checkpoint); returns the final eval."""
     experiment = Experiment(config, workdir)
     training = config.training
-    state = experiment.initial_state()
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-    with experiment.checkpoints(state) as store:
+    with experiment.checkpoints() as store:
+        state = experiment.initial_state()
+        writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
         start = store.latest_step() or 0
         if start:
             state = store.restore(start, state)
@@ -154,14 +156,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 writer.write_scalars(step, {f"eval/{k}": v for k, v in evaluation.items()})
             if step % training.sample_every == 0 or step == training.num_steps:
                 samples_path = experiment.write_samples(writer, step, state.ema_params)
-            store.save(step, state, force=step == training.num_steps)
+            if step % training.checkpoint_every == 0 or step == training.num_steps:
+                store.save(step, state, force=True)
         store.wait_until_finished()
         final_step = int(state.step)
         if final_step == start:  # nothing left to train: report the checkpoint as it is
             evaluation = experiment.evaluate(state.ema_params)
             samples_path = experiment.write_samples(writer, final_step, state.ema_params)
         writer.flush()
-        return {**evaluation, "step": final_step, "train_seconds": time.time() - started,
+        return {**evaluation, "step": final_step, "resumed_from": start, "train_seconds": time.time() - started,
                 "workdir": workdir, "checkpoint": os.path.join(store.directory, str(store.latest_step())),
                 "samples": samples_path}
 
@@ -169,10 +172,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Test bits/dim of the latest checkpoint's EMA parameters in workdir; refuses an empty workdir."""
     experiment = Experiment(config, workdir)
-    state = experiment.initial_state()
-    with experiment.checkpoints(state) as store:
+    with experiment.checkpoints() as store:
         step = store.latest_step()
         if step is None:
             raise ValueError(f"--workdir={workdir} holds no checkpoint to evaluate; train first")
-        state = store.restore(step, state)
+        state = store.restore(step, experiment.initial_state())
     return {**experiment.evaluate(state.ema_params), "step": step}

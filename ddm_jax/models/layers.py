@@ -1,0 +1,241 @@
+"""Layers shared by the ScoreNet and the UNet.
+
+Images are [B, H, W, C]; gamma = -log SNR is [B]; embeddings are [B, E];
+token sequences (text context) are [B, L, D].
+"""
+import math
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+MAX_GROUPS = 32
+
+
+def num_groups(channels: int, max_groups: int = MAX_GROUPS) -> int:
+    """The GroupNorm group count for `channels`: the largest divisor of `channels`
+    that is at most `max_groups` and leaves at least 2 channels per group.
+
+    This is DDPM/VDM's 32 for widths 64, 128, 256, ... and still works for small or odd
+    widths (16 -> 8 groups, 48 -> 24). Groups of one channel are avoided: GroupNorm
+    would then remove any per-channel shift, i.e. the added gamma/cond embedding.
+    """
+    largest = max(1, min(max_groups, channels // 2))
+    return max(g for g in range(1, largest + 1) if channels % g == 0)
+
+
+def group_norm(channels: int, name: Optional[str] = None) -> nn.GroupNorm:
+    """GroupNorm over `channels` channels with `num_groups(channels)` groups."""
+    return nn.GroupNorm(num_groups=num_groups(channels), name=name)
+
+
+def zero_conv(features: int, kernel_size=(3, 3), name: Optional[str] = None) -> nn.Conv:
+    """Convolution whose kernel and bias start at exactly zero (it outputs 0 at init)."""
+    return nn.Conv(
+        features,
+        kernel_size,
+        kernel_init=nn.initializers.zeros,
+        bias_init=nn.initializers.zeros,
+        name=name,
+    )
+
+
+def sinusoidal_embedding(x: jax.Array, dim: int) -> jax.Array:
+    """Transformer/Fairseq sinusoidal embedding of x [B] -> [B, dim].
+
+    With h = dim // 2 and f_i = 10000^(-i / (h - 1)), i < h:
+    [sin(x f_0), ..., sin(x f_{h-1}), cos(x f_0), ..., cos(x f_{h-1})], plus one zero
+    column when dim is odd.
+    """
+    if dim < 4:
+        raise ValueError(f"sinusoidal embedding width must be >= 4; got {dim}")
+    half = dim // 2
+    freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+    args = x.astype(jnp.float32)[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+
+
+def fourier_exponents(first: int, last: int, step: int) -> tuple[int, ...]:
+    """The exponents n of the base-2 Fourier features: range(first, last + 1, step)."""
+    return tuple(range(first, last + 1, step))
+
+
+def base2_fourier_features(z: jax.Array, first: int, last: int, step: int) -> jax.Array:
+    """VDM's base-2 Fourier features, concatenated to z along channels.
+
+    For exponents n_0 < n_1 < ... (fourier_exponents) and channels c, let
+    f[..., c * len(n) + i] = 2^{n_i} pi z[..., c]. Returns [z, sin(f), cos(f)], i.e.
+    C (1 + 2 len(n)) channels. (The VDM paper's 2^n pi z; its code used 2^n 2 pi z.)
+    """
+    exponents = jnp.asarray(fourier_exponents(first, last, step), dtype=z.dtype)
+    freqs = jnp.pi * 2.0**exponents
+    f = (z[..., :, None] * freqs).reshape(*z.shape[:-1], -1)
+    return jnp.concatenate([z, jnp.sin(f), jnp.cos(f)], axis=-1)
+
+
+def check_field(ok: bool, field: str, value, expected: str) -> None:
+    """Raises ValueError("{field}={value!r}; expected {expected}") unless `ok`."""
+    if not ok:
+        raise ValueError(f"{field}={value!r}; expected {expected}")
+
+
+def is_int_at_least(value, minimum: int) -> bool:
+    """Whether `value` is an int (not a bool) >= minimum."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def check_optional_dim(field: str, value) -> None:
+    """Raises ValueError unless `value` is None or a positive int (a feature width)."""
+    check_field(value is None or is_int_at_least(value, 1), field, value, "None or a positive integer")
+
+
+def check_shared_fields(
+    prefix: str, dropout: float, gamma_min: float, gamma_max: float, cond_dim, num_heads: int
+) -> None:
+    """Checks the fields both networks have, named `{prefix}.{field}` in errors."""
+    check_field(0.0 <= dropout < 1.0, f"{prefix}.dropout", dropout, "a rate in [0, 1)")
+    check_field(
+        gamma_min < gamma_max, f"{prefix}.gamma_max", gamma_max, f"a value > {prefix}.gamma_min={gamma_min!r}"
+    )
+    check_optional_dim(f"{prefix}.cond_dim", cond_dim)
+    check_field(is_int_at_least(num_heads, 1), f"{prefix}.num_heads", num_heads, "a positive integer")
+
+
+def check_feature_input(
+    field: str, dim: Optional[int], value: Optional[jax.Array], arg: str, rank: int, batch: int
+) -> None:
+    """Raises ValueError unless `value` is None exactly when `dim` is None, and otherwise
+    has rank `rank`, leading size `batch` and trailing size `dim`."""
+    if dim is None and value is not None:
+        raise ValueError(
+            f"{field}=None, but `{arg}` of shape {tuple(value.shape)} was given; "
+            f"set {field}={value.shape[-1]} to condition on it"
+        )
+    if dim is not None and value is None:
+        raise ValueError(f"{field}={dim} needs a `{arg}` array with last axis {dim}; got {arg}=None")
+    if value is not None and (value.ndim != rank or value.shape[0] != batch or value.shape[-1] != dim):
+        expected = (batch, *(["L"] * (rank - 2)), dim)
+        raise ValueError(
+            f"{field}={dim} expects `{arg}` of shape ({', '.join(map(str, expected))}); "
+            f"got {tuple(value.shape)}"
+        )
+
+
+class GammaEmbedding(nn.Module):
+    """Conditioning embedding of gamma (and an optional cond vector) -> [B, features].
+
+    t = (gamma - gamma_min) / (gamma_max - gamma_min) in [0, 1];
+    emb = swish(W2 swish(W1 sinusoid(1000 t) + Wc cond)), the cond term only when given.
+    """
+
+    sinusoid_dim: int
+    features: int
+    gamma_min: float
+    gamma_max: float
+
+    @nn.compact
+    def __call__(self, gamma: jax.Array, cond: Optional[jax.Array] = None) -> jax.Array:
+        t = (gamma - self.gamma_min) / (self.gamma_max - self.gamma_min)
+        h = nn.Dense(self.features, name="dense_0")(sinusoidal_embedding(1000.0 * t, self.sinusoid_dim))
+        if cond is not None:
+            h = h + nn.Dense(self.features, name="cond_proj")(cond)
+        h = nn.swish(h)
+        return nn.swish(nn.Dense(self.features, name="dense_1")(h))
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> swish -> conv3x3 -> + Dense(emb) -> GroupNorm -> swish -> dropout
+    -> zero-initialised conv3x3, plus the input (1x1 conv when the width changes).
+
+    The block is the identity (or the 1x1 projection) at init.
+    """
+
+    features: int
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, emb: jax.Array, *, train: bool = False) -> jax.Array:
+        h = nn.swish(group_norm(x.shape[-1], name="norm_0")(x))
+        h = nn.Conv(self.features, (3, 3), name="conv_0")(h)
+        h = h + nn.Dense(self.features, name="emb_proj")(emb)[:, None, None, :]
+        h = nn.swish(group_norm(self.features, name="norm_1")(h))
+        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        h = zero_conv(self.features, name="conv_1")(h)
+        if x.shape[-1] != self.features:
+            x = nn.Conv(self.features, (1, 1), name="skip")(x)
+        return x + h
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention of queries x [B, N, C] over keys/values from
+    context [B, L, Dc] -> [B, N, C], with a zero-initialised output projection.
+
+    Self-attention is context = x.
+    """
+
+    num_heads: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        if channels % self.num_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must divide the attention width; got {channels} channels"
+            )
+        heads = (self.num_heads, channels // self.num_heads)
+        q = nn.DenseGeneral(heads, name="query")(x)
+        k = nn.DenseGeneral(heads, name="key")(context)
+        v = nn.DenseGeneral(heads, name="value")(context)
+        weights = self.attention_weights(q, k)
+        out = jnp.einsum("bhnl,blhd->bnhd", weights, v)
+        return nn.DenseGeneral(
+            channels,
+            axis=(-2, -1),
+            kernel_init=nn.initializers.zeros,
+            bias_init=nn.initializers.zeros,
+            name="out",
+        )(out)
+
+    def attention_weights(self, q: jax.Array, k: jax.Array) -> jax.Array:
+        """softmax_l(q_n . k_l / sqrt(d)) for q [B, N, h, d], k [B, L, h, d] -> [B, h, N, L].
+
+        A method of its own so that editing code (prompt-to-prompt, null-text inversion)
+        can read or replace attention maps with `nn.intercept_methods`.
+        """
+        logits = jnp.einsum("bnhd,blhd->bhnl", q, k) / math.sqrt(q.shape[-1])
+        return jax.nn.softmax(logits, axis=-1)
+
+
+class AttentionBlock(nn.Module):
+    """x + SelfAttention(GroupNorm(x)) over the H*W positions of x [B, H, W, C]; when
+    `context` [B, L, Dc] is given, then also h + CrossAttention(GroupNorm(h), context).
+
+    Output projections are zero-initialised, so the block is the identity at init.
+    """
+
+    num_heads: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: Optional[jax.Array] = None) -> jax.Array:
+        batch, height, width, channels = x.shape
+
+        def normalized_tokens(h, name):
+            return group_norm(channels, name=name)(h).reshape(batch, height * width, channels)
+
+        tokens = normalized_tokens(x, "norm_self")
+        h = x + MultiHeadAttention(self.num_heads, name="self_attention")(tokens, tokens).reshape(x.shape)
+        if context is not None:
+            tokens = normalized_tokens(h, "norm_cross")
+            h = h + MultiHeadAttention(self.num_heads, name="cross_attention")(tokens, context).reshape(x.shape)
+        return h
+
+
+class OutputHead(nn.Module):
+    """GroupNorm -> swish -> zero-initialised conv3x3 to `out_channels` (0 at init)."""
+
+    @nn.compact
+    def __call__(self, h: jax.Array, out_channels: int) -> jax.Array:
+        h = nn.swish(group_norm(h.shape[-1], name="norm_out")(h))
+        return zero_conv(out_channels, name="conv_out")(h)

@@ -1,0 +1,152 @@
+"""VDM's resolution-preserving score network (google-research/vdm ScoreUNet)."""
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ddm_jax.models.layers import (
+    AttentionBlock,
+    GammaEmbedding,
+    OutputHead,
+    ResBlock,
+    base2_fourier_features,
+    check_feature_input,
+    check_field,
+    check_shared_fields,
+    is_int_at_least,
+)
+
+CONFIG_PATH = "model.score_net"
+
+
+class ScoreNet(nn.Module):
+    """Noise predictor eps_hat(z; gamma) at the input resolution (VDM's ScoreUNet).
+
+    conv_in (on z, concatenated with its base-2 Fourier features when
+    with_fourier_features) -> n_layers ResNet blocks -> middle (ResNet, attention when
+    with_attention, ResNet) -> n_layers + 1 ResNet blocks, each on concat(h, skip) with the
+    skips (conv_in and every down block output) taken last-in first-out -> GroupNorm,
+    swish, zero-initialised conv to the C channels of z. Every block has width
+    embedding_dim; the conditioning embedding (GammaEmbedding) has width 4 embedding_dim.
+
+    Differences from the VDM code: the output is the prediction itself (no "+ z"), so it
+    is exactly zero at init; GroupNorm works for any width; the middle attention follows
+    with_attention; Fourier exponents are range(fourier_first, fourier_last + 1, step).
+
+    Attributes:
+      embedding_dim: block width and sinusoid width (VDM CIFAR-10: 128).
+      n_layers: ResNet blocks on the way down (VDM: 32); n_layers + 1 on the way up.
+      dropout: dropout rate inside the ResNet blocks, active when train=True.
+      with_fourier_features, fourier_first, fourier_last, fourier_step: VDM's base-2
+        Fourier features of z, exponents fourier_first..fourier_last (VDM: 6, 8, 1).
+      with_attention: self-attention in the middle and after down/up blocks.
+      attention_every: with attention, after every attention_every-th down and up block
+        (VDM: 1, after every block); 0 keeps attention in the middle only.
+      num_heads: attention heads (VDM: 1).
+      gamma_min, gamma_max: the gamma range mapped to t in [0, 1] for the embedding.
+      cond_dim: width of the optional `cond` vector; when set, `cond` is required.
+    """
+
+    embedding_dim: int = 128
+    n_layers: int = 32
+    dropout: float = 0.1
+    with_fourier_features: bool = True
+    fourier_first: int = 6
+    fourier_last: int = 8
+    fourier_step: int = 1
+    with_attention: bool = False
+    attention_every: int = 1
+    num_heads: int = 1
+    gamma_min: float = -13.3
+    gamma_max: float = 5.0
+    cond_dim: Optional[int] = None
+
+    def __post_init__(self):
+        self.check_fields()
+        super().__post_init__()
+
+    @nn.nowrap
+    def check_fields(self) -> None:
+        """Raises ValueError naming the first invalid attribute."""
+        p = CONFIG_PATH
+        check_field(
+            is_int_at_least(self.embedding_dim, 4), f"{p}.embedding_dim", self.embedding_dim, "an integer >= 4"
+        )
+        check_field(is_int_at_least(self.n_layers, 0), f"{p}.n_layers", self.n_layers, "an integer >= 0")
+        check_field(
+            is_int_at_least(self.fourier_step, 1), f"{p}.fourier_step", self.fourier_step, "a positive integer"
+        )
+        check_field(
+            self.fourier_last >= self.fourier_first,
+            f"{p}.fourier_last",
+            self.fourier_last,
+            f"a value >= {p}.fourier_first={self.fourier_first}",
+        )
+        check_field(
+            is_int_at_least(self.attention_every, 0),
+            f"{p}.attention_every",
+            self.attention_every,
+            "an integer >= 0",
+        )
+        check_shared_fields(p, self.dropout, self.gamma_min, self.gamma_max, self.cond_dim, self.num_heads)
+        if self.with_attention:
+            check_field(
+                self.embedding_dim % self.num_heads == 0,
+                f"{p}.num_heads",
+                self.num_heads,
+                f"a divisor of {p}.embedding_dim={self.embedding_dim}",
+            )
+
+    @nn.nowrap
+    def check_input_shape(self, shape) -> None:
+        """Accepts any image shape (height, width, channels) with positive sizes."""
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(
+                f"{CONFIG_PATH} expects an image shape (height, width, channels) with positive "
+                f"sizes; got image shape {tuple(shape)}"
+            )
+
+    @nn.nowrap
+    def has_attention_after(self, block: int) -> bool:
+        """Whether down/up block number `block` (from 0) is followed by attention."""
+        return self.with_attention and self.attention_every > 0 and (block + 1) % self.attention_every == 0
+
+    @nn.compact
+    def __call__(
+        self, z: jax.Array, gamma: jax.Array, *, cond: Optional[jax.Array] = None, train: bool = False
+    ) -> jax.Array:
+        """eps_hat for z [B, H, W, C], gamma [B] (or scalar), cond [B, cond_dim] -> [B, H, W, C]."""
+        if z.ndim != 4:
+            raise ValueError(f"{CONFIG_PATH} expects z of shape [B, H, W, C]; got {tuple(z.shape)}")
+        self.check_input_shape(z.shape[1:])
+        check_feature_input(f"{CONFIG_PATH}.cond_dim", self.cond_dim, cond, "cond", 2, z.shape[0])
+        gamma = jnp.broadcast_to(gamma, z.shape[:1])
+        emb = GammaEmbedding(
+            self.embedding_dim, 4 * self.embedding_dim, self.gamma_min, self.gamma_max, name="embedding"
+        )(gamma, cond)
+
+        def res_block(name):
+            return ResBlock(self.embedding_dim, self.dropout, name=name)
+
+        h = z
+        if self.with_fourier_features:
+            h = base2_fourier_features(z, self.fourier_first, self.fourier_last, self.fourier_step)
+        h = nn.Conv(self.embedding_dim, (3, 3), name="conv_in")(h)
+        skips = [h]
+        for i in range(self.n_layers):
+            h = res_block(f"down_block_{i}")(h, emb, train=train)
+            if self.has_attention_after(i):
+                h = AttentionBlock(self.num_heads, name=f"down_attention_{i}")(h)
+            skips.append(h)
+
+        h = res_block("mid_block_0")(h, emb, train=train)
+        if self.with_attention:
+            h = AttentionBlock(self.num_heads, name="mid_attention")(h)
+        h = res_block("mid_block_1")(h, emb, train=train)
+
+        for i in range(self.n_layers + 1):
+            h = res_block(f"up_block_{i}")(jnp.concatenate([h, skips.pop()], axis=-1), emb, train=train)
+            if self.has_attention_after(i):
+                h = AttentionBlock(self.num_heads, name=f"up_attention_{i}")(h)
+        return OutputHead(name="head")(h, z.shape[-1])

@@ -1,0 +1,86 @@
+"""End to end on the offline digits builder: train, checkpoint, resume, evaluate, refuse."""
+import os
+
+import numpy as np
+import pytest
+
+from configs import vdm_digits
+from ddm_jax.training import trainer
+
+
+def tiny_config(data_dir, **training):
+    config = vdm_digits.get_config()
+    config.data.data_dir = str(data_dir)
+    config.model.schedule_features = 16
+    config.model.score_net.update(embedding_dim=8, n_layers=1, with_fourier_features=False)
+    config.training.update(dict(batch_size=16, num_steps=4, log_every=2, eval_every=4,
+                                checkpoint_every=2, sample_every=4, num_samples=4, sample_steps=3),
+                           **training)
+    config.eval.batch_size = 128
+    return config
+
+
+def listing(directory):
+    return sorted((os.path.relpath(os.path.join(root, f), directory), os.path.getsize(os.path.join(root, f)),
+                   os.path.getmtime(os.path.join(root, f)))
+                  for root, _, files in os.walk(directory) for f in files)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("tfds")
+    workdir = str(tmp_path_factory.mktemp("workdir"))
+    first = trainer.train_and_evaluate(tiny_config(data_dir), workdir)
+    return data_dir, workdir, first
+
+
+def test_training_writes_checkpoints_samples_and_events(trained):
+    _, workdir, first = trained
+    assert first["step"] == 4 and first["resumed_from"] == 0
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+    assert os.path.isfile(first["samples"])
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+    assert np.isfinite(first["bpd"]) and first["num_examples"] == 360
+
+
+def test_restart_resumes_from_latest_checkpoint_and_eval_reports_bpd(trained):
+    data_dir, workdir, _ = trained
+    resumed = trainer.train_and_evaluate(tiny_config(data_dir, num_steps=6), workdir)
+    assert resumed["resumed_from"] == 4 and resumed["step"] == 6
+    evaluation = trainer.evaluate(tiny_config(data_dir, num_steps=6), workdir)
+    assert evaluation["step"] == 6 and evaluation["num_examples"] == 360
+    parts = evaluation["reconstruction_bpd"] + evaluation["prior_bpd"] + evaluation["diffusion_bpd"]
+    assert evaluation["bpd"] == pytest.approx(parts, rel=1e-5)
+
+
+def test_workdir_of_another_architecture_is_refused_untouched(trained):
+    data_dir, workdir, _ = trained
+    before = listing(workdir)
+    config = tiny_config(data_dir, num_steps=8)
+    config.model.score_net.n_layers = 2
+    with pytest.raises(ValueError, match="another architecture"):
+        trainer.train_and_evaluate(config, workdir)
+    assert listing(workdir) == before
+
+
+def test_eval_of_an_empty_workdir_is_refused(trained, tmp_path):
+    data_dir, _, _ = trained
+    with pytest.raises(ValueError, match="holds no checkpoint"):
+        trainer.evaluate(tiny_config(data_dir), str(tmp_path))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("data.dataset", "imagenet9", "data.dataset='imagenet9'"),
+    ("data.vocab_size", 256, "data.vocab_size=256 disagrees with dataset 'digits'"),
+    ("model.schedule", "sqrt", "model.schedule='sqrt'"),
+    ("model.gamma_min", 6.0, "model.gamma_min=6.0 must be below model.gamma_max=5.0"),
+    ("training.batch_size", 0, "training.batch_size=0"),
+    ("optimizer.lr", -1.0, "optimizer.lr"),
+])
+def test_bad_config_is_refused_before_compilation(trained, field, value, message):
+    data_dir, _, _ = trained
+    config = tiny_config(data_dir)
+    section, name = field.split(".")
+    config[section][name] = value
+    with pytest.raises(ValueError, match=message):
+        trainer.check_config(config)

@@ -1,0 +1,129 @@
+"""The VDM model: its gradients, including the variance-minimising schedule update."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+from ddm_jax.diffusion import SHAPE_PARAMS, bits_per_dim, schedules
+from ddm_jax.models.vdm import VDM, build_vdm
+from gaussian_data import optimal_eps
+
+S = 0.5
+VOCAB = 256
+IMAGE_SHAPE = (4, 4, 1)
+NUM_DIMS = 16
+
+
+class GaussianDenoiser(nn.Module):
+    """The closed-form denoiser of x ~ N(0, S^2), as a parameter-free network."""
+
+    @nn.compact
+    def __call__(self, z, gamma, *, cond=None, train=False):
+        return optimal_eps(z, gamma, S)
+
+
+class ScaledDenoiser(nn.Module):
+    """One learnable scale on the closed-form denoiser, so the network has a gradient too."""
+
+    @nn.compact
+    def __call__(self, z, gamma, *, cond=None, train=False):
+        return self.param("scale", nn.initializers.constant(0.8), ()) * optimal_eps(z, gamma, S)
+
+
+def gaussian_integers(seed, batch):
+    x = S * jax.random.normal(jax.random.PRNGKey(seed), (batch, *IMAGE_SHAPE))
+    return jnp.clip(jnp.floor((x + 1) * VOCAB / 2), 0, VOCAB - 1).astype(jnp.int32)
+
+
+def toy_model(network, learn_endpoints=True):
+    schedule = schedules.LearnedMonotone(-8.0, 6.0, n_features=32, learn_endpoints=learn_endpoints)
+    return VDM(schedule=schedule, network=network, vocab_size=VOCAB)
+
+
+def test_value_and_grad_gives_elbo_gradients_and_variance_gradient_for_the_shape():
+    model = toy_model(ScaledDenoiser())
+    params = model.init(jax.random.PRNGKey(0), IMAGE_SHAPE)
+    params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
+    rng, k = jax.random.PRNGKey(2), gaussian_integers(3, 32)
+    (loss, terms), grads = jax.jit(model.value_and_grad)(params, rng, k)
+
+    def mean_bpd(p):
+        return model.elbo_terms(p, rng, k, train=True)["bpd"].mean()
+
+    def mean_squared_diffusion_bpd(p):
+        return jnp.mean(bits_per_dim(model.elbo_terms(p, rng, k, train=True)["diffusion"], NUM_DIMS) ** 2)
+
+    elbo_grads = jax.grad(mean_bpd)(params)
+    variance_grads = jax.grad(mean_squared_diffusion_bpd)(params)
+    np.testing.assert_allclose(loss, mean_bpd(params), rtol=1e-5)
+    for got, want in [(grads["network"], elbo_grads["network"]),
+                      (grads["schedule"]["endpoints"], elbo_grads["schedule"]["endpoints"]),
+                      (grads["schedule"][SHAPE_PARAMS], variance_grads["schedule"][SHAPE_PARAMS])]:
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-6), got, want)
+    # The shape's ELBO gradient would be a different (and, in expectation, zero) direction.
+    shape_elbo = jax.tree.leaves(elbo_grads["schedule"][SHAPE_PARAMS])
+    shape_var = jax.tree.leaves(grads["schedule"][SHAPE_PARAMS])
+    assert not all(np.allclose(a, b) for a, b in zip(shape_elbo, shape_var))
+
+
+def test_variance_gradient_lowers_the_variance_of_the_diffusion_loss():
+    """VDM's claim on a toy problem: training the schedule's shape lowers the estimator's variance
+    while its expectation (fixed endpoints) stays put."""
+    model = toy_model(GaussianDenoiser(), learn_endpoints=False)
+    params = model.init(jax.random.PRNGKey(0), IMAGE_SHAPE)
+    optimizer = optax.adam(3e-2)
+
+    @jax.jit
+    def step(params, opt_state, rng):
+        _, grads = model.value_and_grad(params, rng, gaussian_integers(rng[0], 128))
+        updates, opt_state = optimizer.update(grads, opt_state)
+        return optax.apply_updates(params, updates), opt_state
+
+    @jax.jit
+    def diffusion_bpd(params):
+        terms = model.elbo_terms(params, jax.random.PRNGKey(7), gaussian_integers(8, 8192))
+        return bits_per_dim(terms["diffusion"], NUM_DIMS)
+
+    before = np.asarray(diffusion_bpd(params))
+    opt_state = optimizer.init(params)
+    for i in range(150):
+        params, opt_state = step(params, opt_state, jax.random.PRNGKey(100 + i))
+    after = np.asarray(diffusion_bpd(params))
+    assert after.var() < 0.5 * before.var(), (before.var(), after.var())
+    standard_error = np.sqrt(before.var() / before.size + after.var() / after.size)
+    assert abs(after.mean() - before.mean()) < 4 * standard_error
+
+
+def model_config(**overrides):
+    cfg = ml_collections.ConfigDict(dict(
+        schedule="fixed_linear", gamma_min=-13.3, gamma_max=5.0, learn_endpoints=True,
+        schedule_features=16, ddpm_betas=(1e-4, 0.02), T=0, parameterization="eps", loss="elbo",
+        antithetic_time_sampling=True, network="score_net",
+        score_net=dict(embedding_dim=8, n_layers=1, dropout=0.0, with_fourier_features=False),
+        unet=dict(ch=8, ch_mult=(1, 2, 2, 2, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0)))
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(schedule="sqrt"), "model.schedule='sqrt' is not one of"),
+    (dict(network="mlp"), "model.network='mlp' is not one of"),
+    (dict(gamma_min=5.0, gamma_max=-13.3), "model.gamma_min=5.0 must be below model.gamma_max=-13.3"),
+    (dict(network="unet"), "divisible by 16"),
+    (dict(loss="simple", schedule="learned_monotone"), "model.loss='simple' gives a learned schedule"),
+    (dict(parameterization="noise"), "model.parameterization='noise'"),
+    (dict(schedule="ddpm_linear", T=0), "model.schedule='ddpm_linear' needs model.T >= 1"),
+])
+def test_build_vdm_refuses_bad_config_naming_the_field(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        build_vdm(model_config(**overrides), (8, 8, 1), 17)
+
+
+def test_sample_returns_integers_in_the_vocabulary():
+    model = build_vdm(model_config(), IMAGE_SHAPE, 17)
+    params = model.init(jax.random.PRNGKey(0), IMAGE_SHAPE)
+    k = model.sample(params, jax.random.PRNGKey(1), 3, IMAGE_SHAPE, steps=4)
+    assert k.shape == (3, *IMAGE_SHAPE) and k.min() >= 0 and k.max() < 17
