@@ -1,0 +1,107 @@
+"""Train-step throughput against the machine's matmul FLOP/s.
+
+Prints images/s, the step's FLOPs from XLA's cost analysis, the achieved FLOP/s, and that as a
+fraction of a large float32 matmul's FLOP/s measured in the same run. No dataset is read:
+batches are random integers of the config's image shape and vocabulary.
+
+  python -m experiments.benchmark_train_step --config=configs/vdm_digits.py
+  python -m experiments.benchmark_train_step --config=configs/vdm_cifar10.py --batch_size=8 \
+      --image_shape=32,32,3 --vocab_size=256 --out=experiments/results/train_step_cifar10.json
+"""
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from ddm_jax.data import dataset_spec
+from ddm_jax.models.vdm import build_vdm
+from ddm_jax.training.optimizer import make_optimizer
+from ddm_jax.training.train_state import create_train_state
+from ddm_jax.training.trainer import train_step
+
+config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+flags.DEFINE_integer("batch_size", None, "Batch size (default: the config's).")
+flags.DEFINE_list("image_shape", None, "H,W,C (default: the config's dataset).")
+flags.DEFINE_integer("vocab_size", None, "Number of data values (default: the config's dataset).")
+flags.DEFINE_integer("steps", 20, "Timed steps.")
+flags.DEFINE_integer("matmul_size", 2048, "n of the n x n float32 matmul that sets the reference FLOP/s.")
+flags.DEFINE_string("out", None, "Write the figures to this JSON file.")
+FLAGS = flags.FLAGS
+
+
+def flops_of(compiled) -> float:
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    return float(analysis["flops"])
+
+
+def seconds_per_call(fn, args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / repeats
+
+
+def matmul_flops_per_second(n: int, trials: int = 5) -> float:
+    """The best of `trials` timings of an n x n float32 matmul: the machine's attainable FLOP/s."""
+    a, b = (jax.random.normal(jax.random.PRNGKey(i), (n, n)) for i in range(2))
+    matmul = jax.jit(jnp.matmul)
+    return 2.0 * n**3 / min(seconds_per_call(matmul, (a, b), repeats=5) for _ in range(trials))
+
+
+def benchmark_train_step(config, batch_size: int, image_shape, vocab_size: int, steps: int) -> dict:
+    model = build_vdm(config.model, image_shape, vocab_size)
+    optimizer = make_optimizer(config.optimizer)
+    state = create_train_state(model.init(jax.random.PRNGKey(0), image_shape), optimizer)
+    images = jax.random.randint(jax.random.PRNGKey(1), (batch_size, *image_shape), 0, vocab_size)
+    step = jax.jit(functools.partial(train_step, model, optimizer, config.training.ema_decay))
+    rng = jax.random.PRNGKey(2)
+    compiled = step.lower(state, images, rng).compile()
+    flops = flops_of(compiled)
+
+    def run(state):
+        for _ in range(steps):
+            state, metrics = compiled(state, images, rng)
+        return state, metrics
+
+    jax.block_until_ready(run(state))  # warm up
+    start = time.perf_counter()
+    jax.block_until_ready(run(state))
+    seconds = (time.perf_counter() - start) / steps
+    return {"batch_size": batch_size, "image_shape": list(image_shape), "step_seconds": seconds,
+            "images_per_second": batch_size / seconds, "step_flops": flops, "flops_per_second": flops / seconds}
+
+
+def main(argv):
+    del argv
+    config = FLAGS.config
+    if FLAGS.image_shape is None or FLAGS.vocab_size is None:
+        spec = dataset_spec(config.data.dataset, config.data.data_dir)
+    image_shape = tuple(int(s) for s in FLAGS.image_shape) if FLAGS.image_shape else spec.image_shape
+    vocab_size = FLAGS.vocab_size or spec.vocab_size
+    batch_size = FLAGS.batch_size or config.training.batch_size
+    result = benchmark_train_step(config, batch_size, image_shape, vocab_size, FLAGS.steps)
+    result["matmul_flops_per_second"] = matmul_flops_per_second(FLAGS.matmul_size)
+    result["fraction_of_matmul"] = result["flops_per_second"] / result["matmul_flops_per_second"]
+    result["device"] = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
+    result["jax"] = jax.__version__
+    print(f"{result['images_per_second']:.1f} images/s, {result['step_seconds'] * 1e3:.1f} ms/step, "
+          f"{result['step_flops'] / 1e9:.2f} GFLOP/step, {result['flops_per_second'] / 1e9:.1f} GFLOP/s = "
+          f"{100 * result['fraction_of_matmul']:.0f}% of the {FLAGS.matmul_size}^2 matmul's "
+          f"{result['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s on {result['device']}")
+    if FLAGS.out:
+        os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+        with open(FLAGS.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
