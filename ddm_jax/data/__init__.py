@@ -5,6 +5,6 @@ Importing this package registers the offline builders ("digits") with TFDS, so
 """
 
 from ddm_jax.data.digits import Digits
-from ddm_jax.data.pipeline import DatasetSpec, dataset_spec, eval_batches, train_batches
+from ddm_jax.data.pipeline import DatasetSpec, dataset_spec, eval_batches, load_split, train_batches
 
-__all__ = ["DatasetSpec", "Digits", "dataset_spec", "eval_batches", "train_batches"]
+__all__ = ["DatasetSpec", "Digits", "dataset_spec", "eval_batches", "load_split", "train_batches"]

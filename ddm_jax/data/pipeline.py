@@ -72,7 +72,7 @@ def train_batches(
     local_batch_size = _local_batch_size(batch_size, process_index, process_count)
     _check_non_negative_int("seed", seed)
     _check_non_negative_int("start_step", start_step)
-    arrays = _load_split(spec_or_name, "train", data_dir)
+    arrays = load_split(spec_or_name, "train", data_dir)
     num_examples = len(arrays["image"])
     if batch_size > num_examples:
         raise ValueError(
@@ -104,7 +104,7 @@ def eval_batches(
     split are zeros with mask False, so each example is counted exactly once.
     """
     local_batch_size = _local_batch_size(batch_size, process_index, process_count)
-    arrays = _load_split(spec_or_name, split, data_dir)
+    arrays = load_split(spec_or_name, split, data_dir)
     return _padded_batches(arrays, batch_size, process_index * local_batch_size, local_batch_size)
 
 
@@ -187,7 +187,7 @@ def _num_classes(features: tfds.features.FeaturesDict) -> int | None:
     return label.num_classes if isinstance(label, tfds.features.ClassLabel) else None
 
 
-def _load_split(spec_or_name: DatasetSpec | str, split: str, data_dir: str | None) -> Batch:
+def load_split(spec_or_name: DatasetSpec | str, split: str, data_dir: str | None) -> Batch:
     """All of `split` in stored order: image [n, H, W, C] and, if labelled, int32 label [n]."""
     name = spec_or_name.name if isinstance(spec_or_name, DatasetSpec) else spec_or_name
     builder = _prepared_builder(name, data_dir)
