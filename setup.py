@@ -20,6 +20,7 @@ setup(
         "tensorflow-cpu>=2.18,<2.22",
         "tensorboard>=2.18,<2.22",
         "clu>=0.0.12,<0.1",
+        "diffrax>=0.7,<0.8",
         "absl-py>=2.0",
         "numpy>=1.26,<3",
         "scikit-learn>=1.4,<2",

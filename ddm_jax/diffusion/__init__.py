@@ -34,3 +34,16 @@ from ddm_jax.diffusion.process import (
 )
 from ddm_jax.diffusion.samplers import ancestral_sample, ancestral_step
 from ddm_jax.diffusion.schedules import SCHEDULES, SHAPE_PARAMS, build_schedule, ddpm_log_alphabar
+from ddm_jax.diffusion.likelihood import ode_bits_per_dim, ode_log_likelihood
+from ddm_jax.diffusion.samplers import (
+    SAMPLERS,
+    ddim_invert,
+    ddim_sample,
+    ddim_step,
+    dpm_solver_pp_sample,
+    dpm_solver_pp_step,
+    ode_sample,
+    probability_flow_drift,
+    sample,
+)
+from ddm_jax.diffusion.time_grids import GRIDS, time_grid
