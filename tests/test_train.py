@@ -29,7 +29,7 @@ def listing(directory):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("tfds")
-    workdir = str(tmp_path_factory.mktemp("workdir"))
+    workdir = os.path.relpath(tmp_path_factory.mktemp("workdir"))  # relative, as make run passes it
     first = trainer.train_and_evaluate(tiny_config(data_dir), workdir)
     return data_dir, workdir, first
 

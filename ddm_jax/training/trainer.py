@@ -76,7 +76,7 @@ class Experiment:
     """The pieces of one config on one mesh: model, optimizer, compiled steps, data."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-        self.config, self.workdir = config, workdir
+        self.config, self.workdir = config, os.path.abspath(workdir)  # orbax needs absolute paths
         self.spec, self.model = check_config(config)
         self.mesh = make_mesh()
         self.optimizer = make_optimizer(config.optimizer)
@@ -165,7 +165,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             samples_path = experiment.write_samples(writer, final_step, state.ema_params)
         writer.flush()
         return {**evaluation, "step": final_step, "resumed_from": start, "train_seconds": time.time() - started,
-                "workdir": workdir, "checkpoint": os.path.join(store.directory, str(store.latest_step())),
+                "workdir": experiment.workdir, "checkpoint": os.path.join(store.directory, str(store.latest_step())),
                 "samples": samples_path}
 
 
