@@ -41,7 +41,7 @@ def get_config():
         grad_clip_norm=1.0, schedule="constant", decay_steps=0))
 
     config.training = ml_collections.ConfigDict(dict(
-        seed=0, batch_size=64, num_steps=8000, ema_decay=0.999,
+        seed=0, batch_size=64, num_steps=8000, substeps=1, ema_decay=0.999,
         log_every=100, eval_every=2000, checkpoint_every=2000, keep_checkpoints=3,
         sample_every=4000, num_samples=64, sample_steps=200))
 

@@ -4,6 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
@@ -246,3 +247,159 @@ def test_mocked_cifar10_through_the_pipeline(tmp_path):
     assert ((train["label"] >= 0) & (train["label"] < 10)).all()
     assert len(evaluation) == 3 and sum(int(b["mask"].sum()) for b in evaluation) == 10
     assert all(b["image"].shape == (4, 32, 32, 3) and b["image"].dtype == np.uint8 for b in evaluation)
+
+
+# Augmentation through the pipeline ------------------------------------------------------------
+
+
+def _turned(image: np.ndarray, element: int) -> np.ndarray:
+    """Group element e of an [H, W, C] image: horizontal flip if e >= 4, then e % 4 quarter turns."""
+    return np.rot90(np.flip(image, axis=1) if element >= 4 else image, k=element % 4)
+
+
+def test_augmented_batches_are_the_plain_batches_transformed_as_cond_says(data_dir):
+    def batches(**kwargs):
+        return _take(data.train_batches("digits", batch_size=64, seed=4, data_dir=data_dir, **kwargs), 3)
+
+    for plain, augmented in zip(batches(), batches(augment="dihedral"), strict=True):
+        assert "cond" not in plain
+        assert augmented["cond"].shape == (64, 8) and augmented["cond"].dtype == np.float32
+        np.testing.assert_array_equal(augmented["label"], plain["label"])
+        for image, original, cond in zip(augmented["image"], plain["image"], augmented["cond"]):
+            assert cond.sum() == 1.0
+            np.testing.assert_array_equal(image, _turned(original, int(cond.argmax())))
+        assert len(np.unique(augmented["cond"].argmax(axis=1))) > 1
+
+
+@pytest.mark.parametrize("start_step", [3, 15])
+def test_augmented_run_resumes_where_it_left_off(data_dir, start_step):
+    def batches(**kwargs):
+        return data.train_batches(
+            "digits", batch_size=100, seed=1, data_dir=data_dir, augment="dihedral", **kwargs
+        )
+
+    expected = _take(itertools.islice(batches(), start_step, None), 3)
+    for a, b in zip(expected, _take(batches(start_step=start_step), 3), strict=True):
+        for key in ("image", "label", "cond"):
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_processes_split_the_augmented_global_batch(data_dir):
+    def batches(**kwargs):
+        batches = data.train_batches(
+            "digits", batch_size=96, seed=5, data_dir=data_dir, augment="dihedral", **kwargs
+        )
+        return _take(batches, 4)
+
+    global_batches = batches()
+    per_process = [batches(process_index=p, process_count=3) for p in range(3)]
+    for step, global_batch in enumerate(global_batches):
+        for key in ("image", "label", "cond"):
+            np.testing.assert_array_equal(
+                np.concatenate([process[step][key] for process in per_process]), global_batch[key]
+            )
+
+
+def test_unknown_augmentation_is_a_clear_error(data_dir):
+    with pytest.raises(ValueError, match=r"data\.augment='rotate'; expected None"):
+        data.train_batches("digits", batch_size=8, seed=0, data_dir=data_dir, augment="rotate")
+
+
+def test_mocked_cifar10_augmented(tmp_path):
+    with tfds.testing.mock_data(num_examples=10):
+        batch = next(
+            data.train_batches("cifar10", batch_size=4, seed=0, data_dir=str(tmp_path), augment="dihedral")
+        )
+    assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.uint8
+    assert batch["cond"].shape == (4, 8)
+
+
+# Downsampled ImageNet -------------------------------------------------------------------------
+
+
+def _write_metadata(data_dir: str, name: str, split_sizes: dict[str, int]) -> None:
+    """The dataset_info.json a prepared `name` would have, so TFDS (and its mock) sees it as prepared."""
+    builder = tfds.builder(name, data_dir=data_dir)
+    builder.data_path.mkdir(parents=True)
+    splits = [tfds.core.SplitInfo(name=s, shard_lengths=[n], num_bytes=0) for s, n in split_sizes.items()]
+    builder.info.set_splits(tfds.core.SplitDict(splits))
+    builder.info.write_to_directory(builder.data_path)
+
+
+def _fake_images(split: str, num: int, size: int) -> np.ndarray:
+    return np.random.default_rng(len(split)).integers(0, 256, (num, size, size, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def mock_imagenet32(tmp_path):
+    """downsampled_imagenet/32x32 mocked with 12 train and 5 validation images from `_fake_images`."""
+    split_sizes = {"train": 12, "validation": 5}
+    _write_metadata(str(tmp_path), "downsampled_imagenet/32x32", split_sizes)
+
+    def as_dataset(builder, split, **kwargs):
+        del builder, kwargs
+        return tf.data.Dataset.from_tensor_slices({"image": _fake_images(split, split_sizes[split], 32)})
+
+    with tfds.testing.mock_data(data_dir=str(tmp_path), as_dataset_fn=as_dataset):
+        yield str(tmp_path)
+
+
+def test_downsampled_imagenet32_through_the_pipeline(mock_imagenet32):
+    spec = data.dataset_spec("downsampled_imagenet/32x32", mock_imagenet32)
+    assert spec == data.DatasetSpec(
+        name="downsampled_imagenet/32x32",
+        image_shape=(32, 32, 3),
+        vocab_size=256,
+        num_classes=None,
+        split_sizes={"train": 12, "validation": 5},
+    )
+    train = next(data.train_batches(spec, batch_size=4, seed=0, data_dir=mock_imagenet32, augment="dihedral"))
+    assert set(train) == {"image", "cond"}
+    assert train["image"].shape == (4, 32, 32, 3) and train["image"].dtype == np.uint8
+    train_keys = set(_image_keys(_fake_images("train", 12, 32)))
+    inverse = [0, 3, 2, 1, 4, 5, 6, 7]  # Turns undo with opposite turns; reflections undo themselves.
+    turned_back = [
+        _turned(image, inverse[int(cond.argmax())]) for image, cond in zip(train["image"], train["cond"])
+    ]
+    assert set(_image_keys(np.stack(turned_back))) <= train_keys
+    evaluation = list(data.eval_batches(spec, split="validation", batch_size=4, data_dir=mock_imagenet32))
+    assert len(evaluation) == 2
+    images = np.concatenate([b["image"][b["mask"]] for b in evaluation])
+    np.testing.assert_array_equal(images, _fake_images("validation", 5, 32))
+
+
+def test_downsampled_imagenet_has_no_test_split(mock_imagenet32):
+    expected = r"data\.eval_split='test' .* expected one of \['train', 'validation'\]"
+    with pytest.raises(ValueError, match=expected):
+        data.eval_batches("downsampled_imagenet/32x32", batch_size=4, data_dir=mock_imagenet32)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_unprepared_downsampled_imagenet_says_how_to_prepare_it_by_hand(tmp_path, size):
+    name = f"downsampled_imagenet/{size}x{size}"
+    with pytest.raises(ValueError, match=rf"data\.dataset='{name}' is not prepared") as info:
+        data.train_batches(name, batch_size=4, seed=0, data_dir=str(tmp_path))
+    message = str(info.value)
+    for step in (
+        f"train_{size}x{size}.tar",
+        f"valid_{size}x{size}.tar",
+        f"tfds build {name} --manual_dir=MANUAL_DIR --data_dir=DATA_DIR",
+        "DownloadConfig(manual_dir='MANUAL_DIR')",
+        "--config.data.data_dir=DATA_DIR",
+        str(tmp_path),
+    ):
+        assert step in message
+    assert list(tmp_path.iterdir()) == []  # Nothing was downloaded or written.
+
+
+def test_a_split_larger_than_host_memory_is_refused_before_reading(tmp_path):
+    _write_metadata(str(tmp_path), "downsampled_imagenet/64x64", {"train": 10**12})
+
+    def as_dataset(builder, split, **kwargs):
+        del builder, split, kwargs  # 10**12 images that are never produced: the size alone must refuse.
+        return tf.data.Dataset.range(10**12).map(lambda i: {"image": tf.zeros((64, 64, 3), tf.uint8)})
+
+    with tfds.testing.mock_data(data_dir=str(tmp_path), as_dataset_fn=as_dataset):
+        gib = 10**12 * 64 * 64 * 3 / 2**30
+        with pytest.raises(ValueError, match=rf"'train' split needs {gib:.1f} GiB of host memory"):
+            data.load_split("downsampled_imagenet/64x64", "train", str(tmp_path))

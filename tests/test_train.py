@@ -13,7 +13,7 @@ def tiny_config(data_dir, **training):
     config.data.data_dir = str(data_dir)
     config.model.schedule_features = 16
     config.model.score_net.update(embedding_dim=8, n_layers=1, with_fourier_features=False)
-    config.training.update(dict(batch_size=16, num_steps=4, log_every=2, eval_every=4,
+    config.training.update(dict(batch_size=16, num_steps=4, substeps=1, log_every=2, eval_every=4,
                                 checkpoint_every=2, sample_every=4, num_samples=4, sample_steps=3),
                            **training)
     config.eval.batch_size = 128

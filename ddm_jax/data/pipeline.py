@@ -1,8 +1,11 @@
-"""Input pipeline for TFDS image datasets (digits, mnist, cifar10, ...).
+"""Input pipeline for TFDS image datasets (digits, mnist, cifar10, downsampled_imagenet/32x32, ...).
 
 Every dataset takes the same path: a split is read once through TFDS into host
-memory as integer arrays (CIFAR-10's training set is 150 MB), and batches are
-gathered from them with numpy indexing.
+memory as integer arrays, and batches are gathered from them with numpy
+indexing. Memory is the limit of this design: each process holds its own copy
+of the training split (CIFAR-10: 150 MB; ImageNet 32x32: 3.9 GB; ImageNet
+64x64: 15.7 GB), and a split larger than the host's available memory is refused
+with a ValueError before it is read.
 
 Training order. Epoch e visits the split's examples (in their stored order) in
 the order `numpy.random.default_rng([seed, e]).permutation(n)`, cut into global
@@ -15,16 +18,31 @@ permutation.
 Processes. Process p of P yields rows [p * b, (p + 1) * b), b = batch_size // P,
 of each global batch, so the processes together see the global batch that one
 process would.
+
+Augmentation (`augment="dihedral"`, training only) transforms each row of
+global batch s by a function of (seed, s, row) and adds its conditioning
+"cond" (see `ddm_jax.data.augment`), so resuming and splitting over processes
+keep the guarantees above. Evaluation batches are never augmented; the model
+is evaluated with `identity_cond`.
+
+Downsampled ImageNet cannot be downloaded automatically; it is prepared by hand
+once (`ddm_jax.data.imagenet`). Its held-out split is "validation": pass it as
+`eval_batches(split=...)` (config field data.eval_split).
 """
 
 import dataclasses
 import itertools
+import math
 import numbers
 from collections.abc import Iterator, Mapping
 
 import numpy as np
+import psutil
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from ddm_jax.data import imagenet
+from ddm_jax.data.augment import augment_batch, check_augment
 
 Batch = dict[str, np.ndarray]
 
@@ -60,19 +78,24 @@ def train_batches(
     start_step: int = 0,
     process_index: int = 0,
     process_count: int = 1,
+    augment: str | None = None,
 ) -> Iterator[Batch]:
-    """Endless training batches of this process: {"image", "label"}.
+    """Endless training batches of this process: {"image", "label", "cond"}.
 
     image: [b, H, W, C] integers in [0, vocab_size) (uint8 for 8-bit images);
     label: int32 [b], present when the dataset has class labels;
+    cond: float32 [b, AUGMENT_COND_DIM[augment]], present when `augment` is set;
     b = batch_size // process_count. `batch_size` is the global batch size and
-    `start_step` the number of global batches already consumed. The order is
-    described in this module's docstring.
+    `start_step` the number of global batches already consumed. `augment` is
+    None or "dihedral" (square images only). The order is described in this
+    module's docstring.
     """
     local_batch_size = _local_batch_size(batch_size, process_index, process_count)
     _check_non_negative_int("seed", seed)
     _check_non_negative_int("start_step", start_step)
-    arrays = load_split(spec_or_name, "train", data_dir)
+    spec = _as_spec(spec_or_name, data_dir)
+    check_augment(augment, spec.image_shape)
+    arrays = load_split(spec, "train", data_dir)
     num_examples = len(arrays["image"])
     if batch_size > num_examples:
         raise ValueError(
@@ -80,11 +103,8 @@ def train_batches(
             "examples; expected at most the number of training examples."
         )
     first_row = process_index * local_batch_size
-    index_batches = (
-        indices[first_row : first_row + local_batch_size]
-        for indices in _shuffled_index_batches(num_examples, batch_size, seed, start_step)
-    )
-    return ({key: array[rows] for key, array in arrays.items()} for rows in index_batches)
+    rows = slice(first_row, first_row + local_batch_size)
+    return _train_batches(arrays, batch_size, seed, start_step, rows, augment)
 
 
 def eval_batches(
@@ -102,30 +122,51 @@ def eval_batches(
     over processes as in training. Every process yields the same number of
     batches of b = batch_size // process_count rows; rows past the end of the
     split are zeros with mask False, so each example is counted exactly once.
+    Images are never augmented.
     """
     local_batch_size = _local_batch_size(batch_size, process_index, process_count)
-    arrays = load_split(spec_or_name, split, data_dir)
+    spec = _as_spec(spec_or_name, data_dir)
+    check_eval_split(spec, split)
+    arrays = load_split(spec, split, data_dir)
     return _padded_batches(arrays, batch_size, process_index * local_batch_size, local_batch_size)
 
 
+def check_eval_split(spec: DatasetSpec, split: str) -> None:
+    """Raises ValueError if the dataset's splits are known and `split` is not one of them."""
+    if spec.split_sizes and split not in spec.split_sizes:
+        raise ValueError(
+            f"data.eval_split={split!r} is not a split of data.dataset={spec.name!r}; "
+            f"expected one of {sorted(spec.split_sizes)}."
+        )
+
+
+def _as_spec(spec_or_name: DatasetSpec | str, data_dir: str | None) -> DatasetSpec:
+    if isinstance(spec_or_name, DatasetSpec):
+        return spec_or_name
+    return dataset_spec(spec_or_name, data_dir)
+
+
 def _prepared_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
-    """The TFDS builder of `name`, downloaded and prepared if it is not yet."""
+    """The TFDS builder of `name`, downloaded and prepared if it is not yet and can be."""
     _hide_gpus_from_tensorflow()
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.DatasetNotFoundError as error:
         raise ValueError(
-            f"data.dataset={name!r} is not a registered TFDS dataset; expected a "
-            "name such as 'digits', 'mnist' or 'cifar10'."
+            f"data.dataset={name!r} is not a registered TFDS dataset; expected a name such as "
+            "'digits', 'mnist', 'cifar10' or 'downsampled_imagenet/32x32'."
         ) from error
     if not builder.is_prepared():
+        if imagenet.is_downsampled_imagenet(builder):
+            raise ValueError(imagenet.not_prepared_message(name, builder))
         try:
             builder.download_and_prepare()
         except Exception as error:  # Whatever stops the download or the build.
             raise ValueError(
                 f"data.dataset={name!r} is not prepared under {builder.data_dir} "
                 f"and preparing it failed: {error!r}. Prepare it where the network "
-                f"is reachable with `tfds build {name} --data_dir=DIR` and set "
+                f"is reachable with `tfds build {name} --data_dir=DIR` (the tfds command "
+                "needs `pip install apache-beam`, tensorflow/datasets#5463) and set "
                 "data.data_dir to that DIR."
             ) from error
     return builder
@@ -146,9 +187,14 @@ def _spec_from_builder(name: str, builder: tfds.core.DatasetBuilder) -> DatasetS
             f"data.dataset={name!r} has no 'image' feature (it has "
             f"{sorted(info.features.keys())}); expected an image dataset."
         )
+    image_shape = (
+        imagenet.image_shape(builder)
+        if imagenet.is_downsampled_imagenet(builder)
+        else _image_shape(name, info.features["image"])
+    )
     return DatasetSpec(
         name=name,
-        image_shape=_image_shape(name, info.features["image"]),
+        image_shape=image_shape,
         vocab_size=_vocab_size(name, info),
         num_classes=_num_classes(info.features),
         split_sizes={split: info.splits[split].num_examples for split in info.splits},
@@ -188,7 +234,11 @@ def _num_classes(features: tfds.features.FeaturesDict) -> int | None:
 
 
 def load_split(spec_or_name: DatasetSpec | str, split: str, data_dir: str | None) -> Batch:
-    """All of `split` in stored order: image [n, H, W, C] and, if labelled, int32 label [n]."""
+    """All of `split` in stored order: image [n, H, W, C] and, if labelled, int32 label [n].
+
+    Raises ValueError, before reading, if the arrays would not fit in the
+    host's available memory.
+    """
     name = spec_or_name.name if isinstance(spec_or_name, DatasetSpec) else spec_or_name
     builder = _prepared_builder(name, data_dir)
     spec = _spec_from_builder(name, builder)
@@ -198,12 +248,53 @@ def load_split(spec_or_name: DatasetSpec | str, split: str, data_dir: str | None
         shuffle_files=False,
         decoders=tfds.decode.PartialDecoding({key: True for key in keys}),
     )
-    chunks = list(tfds.as_numpy(dataset.batch(_READ_CHUNK_SIZE)))
-    arrays = {key: np.concatenate([chunk[key] for chunk in chunks]) for key in keys}
-    arrays["image"] = arrays["image"].reshape((-1, *spec.image_shape))
-    if "label" in arrays:
-        arrays["label"] = arrays["label"].astype(np.int32)
+    num_examples = int(dataset.cardinality())
+    if num_examples < 0:
+        raise ValueError(
+            f"data.dataset={name!r}: TFDS does not know the size of split {split!r}; "
+            "expected a prepared dataset whose split sizes are recorded."
+        )
+    layouts = {
+        "image": ((num_examples, *spec.image_shape), builder.info.features["image"].np_dtype),
+        "label": ((num_examples,), np.int32),
+    }
+    num_bytes = sum(math.prod(layouts[key][0]) * np.dtype(layouts[key][1]).itemsize for key in keys)
+    _check_fits_in_memory(name, split, num_bytes, psutil.virtual_memory().available)
+    arrays = {key: np.empty(*layouts[key]) for key in keys}
+    with_fixed_shape = dataset.map(
+        lambda example: {**example, "image": tf.reshape(example["image"], spec.image_shape)}
+    )
+    start = 0
+    for chunk in tfds.as_numpy(with_fixed_shape.batch(_READ_CHUNK_SIZE).prefetch(tf.data.AUTOTUNE)):
+        stop = start + len(chunk["image"])
+        for key in keys:
+            arrays[key][start:stop] = chunk[key]
+        start = stop
     return arrays
+
+
+def _check_fits_in_memory(name: str, split: str, num_bytes: int, available_bytes: int) -> None:
+    if num_bytes > available_bytes:
+        raise ValueError(
+            f"data.dataset={name!r}: its {split!r} split needs {num_bytes / 2**30:.1f} GiB of host "
+            f"memory, and this host has {available_bytes / 2**30:.1f} GiB available. The input "
+            "pipeline holds a whole split in memory, one copy per process; expected a host (or "
+            "fewer processes per host) with that much memory free."
+        )
+
+
+def _train_batches(
+    arrays: Batch, batch_size: int, seed: int, start_step: int, rows: slice, augment: str | None
+) -> Iterator[Batch]:
+    """This process's `rows` of each global batch from `start_step` on, augmented if `augment` is set."""
+    index_batches = _shuffled_index_batches(len(arrays["image"]), batch_size, seed, start_step)
+    for step, indices in enumerate(index_batches, start_step):
+        batch = {key: array[indices[rows]] for key, array in arrays.items()}
+        if augment is not None:
+            batch = augment_batch(
+                batch, augment, seed=seed, step=step, first_row=rows.start, global_batch_size=batch_size
+            )
+        yield batch
 
 
 def _shuffled_index_batches(

@@ -31,9 +31,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_sharded(mesh: Mesh) -> NamedSharding:
-    """The leading (batch) dimension split over the "data" axis."""
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+def batch_sharded(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
+    """The batch dimension (after `leading_axes` unsplit ones, e.g. substeps) split over "data"."""
+    return NamedSharding(mesh, PartitionSpec(*(None,) * leading_axes, DATA_AXIS))
 
 
 def local_mesh_device_count(mesh: Mesh) -> int:
@@ -41,8 +41,8 @@ def local_mesh_device_count(mesh: Mesh) -> int:
     return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
 
 
-def _check_batch_divisible(local_batch: PyTree, mesh: Mesh) -> None:
-    leading = {np.shape(x)[:1] for x in jax.tree.leaves(local_batch)}
+def _check_batch_divisible(local_batch: PyTree, mesh: Mesh, leading_axes: int) -> None:
+    leading = {np.shape(x)[leading_axes:leading_axes + 1] for x in jax.tree.leaves(local_batch)}
     if len(leading) != 1 or () in leading:
         raise ValueError(
             "shard_batch: expected arrays that all share one leading batch dimension, got "
@@ -59,10 +59,11 @@ def _check_batch_divisible(local_batch: PyTree, mesh: Mesh) -> None:
             f"expected a multiple of {mesh.size}")
 
 
-def shard_batch(local_batch: PyTree, mesh: Mesh) -> PyTree:
-    """Process-local numpy arrays [b, ...] -> global jax.Arrays [b * processes, ...] split over "data"."""
-    _check_batch_divisible(local_batch, mesh)
-    sharding = batch_sharded(mesh)
+def shard_batch(local_batch: PyTree, mesh: Mesh, leading_axes: int = 0) -> PyTree:
+    """Process-local numpy arrays [..., b, ...] -> global jax.Arrays [..., b * processes, ...] whose
+    batch dimension (axis `leading_axes`) is split over "data"."""
+    _check_batch_divisible(local_batch, mesh, leading_axes)
+    sharding = batch_sharded(mesh, leading_axes)
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 

@@ -5,9 +5,12 @@ evaluates test bits/dim every `training.eval_every` steps, writes sample grids, 
 the final evaluation. evaluate(config, workdir) reports the bits/dim of the latest checkpoint.
 Everything that can be checked without compiling is checked first (`check_config`).
 """
+import contextlib
 import functools
 import math
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -27,8 +30,9 @@ from ddm_jax.training.optimizer import make_optimizer, validate_optimizer_config
 from ddm_jax.training.sharding import make_mesh, replicate, replicated, shard_batch
 from ddm_jax.training.train_state import TrainState, apply_updates, create_train_state
 
-POSITIVE_TRAINING_FIELDS = ("batch_size", "log_every", "eval_every", "checkpoint_every",
-                            "keep_checkpoints", "sample_every", "num_samples", "sample_steps")
+EVERY_N_STEPS_FIELDS = ("log_every", "eval_every", "checkpoint_every", "sample_every")
+POSITIVE_TRAINING_FIELDS = ("batch_size", "substeps", "keep_checkpoints", "num_samples",
+                            "sample_steps") + EVERY_N_STEPS_FIELDS
 
 
 def check_config(config: ml_collections.ConfigDict) -> tuple[DatasetSpec, VDM]:
@@ -39,6 +43,11 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[DatasetSpec, VDM]:
             raise ValueError(f"training.{field}={value!r} must be an integer >= 1")
     if not (isinstance(config.training.num_steps, int) and config.training.num_steps >= 0):
         raise ValueError(f"training.num_steps={config.training.num_steps!r} must be an integer >= 0")
+    substeps = config.training.substeps
+    for field in ("num_steps",) + EVERY_N_STEPS_FIELDS:
+        if config.training[field] % substeps:
+            raise ValueError(f"training.{field}={config.training[field]} must be a multiple of "
+                             f"training.substeps={substeps} (steps run in calls of substeps)")
     if not 0.0 <= config.training.ema_decay < 1.0:
         raise ValueError(f"training.ema_decay={config.training.ema_decay!r} must be in [0, 1)")
     for field in ("batch_size", "num_time_samples"):
@@ -72,6 +81,12 @@ def train_step(model: VDM, optimizer, ema_decay, state: TrainState, images, rng)
     return state, metrics
 
 
+def train_steps(model: VDM, optimizer, ema_decay, state: TrainState, images, rng):
+    """Several train steps in one call (lax.scan over images [substeps, B, ...]); metrics [substeps]."""
+    return jax.lax.scan(lambda state, images: train_step(model, optimizer, ema_decay, state, images, rng),
+                        state, images)
+
+
 class Experiment:
     """The pieces of one config on one mesh: model, optimizer, compiled steps, data."""
 
@@ -83,8 +98,8 @@ class Experiment:
         self.rng = jax.random.PRNGKey(config.training.seed)
         self.num_dims = math.prod(self.spec.image_shape)
         state_sharding = replicated(self.mesh)
-        self.train_step = jax.jit(
-            functools.partial(train_step, self.model, self.optimizer, config.training.ema_decay),
+        self.train_steps = jax.jit(
+            functools.partial(train_steps, self.model, self.optimizer, config.training.ema_decay),
             out_shardings=(state_sharding, state_sharding), donate_argnums=(0,))
         self.elbo_terms = jax.jit(self.model.elbo_terms)
         self.sample = jax.jit(self.model.sample, static_argnums=(2, 3), static_argnames=("steps",))
@@ -124,13 +139,26 @@ class Experiment:
         return path
 
 
+def first_non_finite_step(history: list[tuple[int, dict]]) -> int | None:
+    """The first step whose loss or gradient norm is not finite, in [(first step, metrics [substeps])]."""
+    for first_step, metrics in history:
+        finite = np.isfinite(np.asarray(metrics["loss"])) & np.isfinite(np.asarray(metrics["grad_norm"]))
+        if not finite.all():
+            return first_step + int(np.argmin(finite))
+    return None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains for training.num_steps steps (resuming if workdir holds a checkpoint); returns the final eval."""
+    """Trains for training.num_steps steps (resuming if workdir holds a checkpoint); returns the final eval.
+
+    A non-finite loss or gradient stops the run (FloatingPointError naming the step) before that
+    state is checkpointed. SIGTERM (preemption) saves a checkpoint and returns early.
+    """
     experiment = Experiment(config, workdir)
     training = config.training
-    with experiment.checkpoints() as store:
+    with experiment.checkpoints() as store, _preemption_flag() as preempted:
         state = experiment.initial_state()
-        writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+        writer = metric_writers.create_default_writer(experiment.workdir, just_logging=jax.process_index() > 0)
         start = store.latest_step() or 0
         if start:
             state = store.restore(start, state)
@@ -141,14 +169,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         report = periodic_actions.ReportProgress(num_train_steps=training.num_steps, writer=writer)
         train_rng = jax.random.fold_in(experiment.rng, 3)
         started = time.time()
-        history = []
-        for step in range(start + 1, training.num_steps + 1):
-            images = shard_batch(next(batches)["image"], experiment.mesh)
-            state, metrics = experiment.train_step(state, images, train_rng)
-            history.append(metrics)
+        history, evaluation, samples_path = [], None, None
+
+        def check_finite(step):
+            bad = first_non_finite_step(jax.device_get(history))
+            if bad is not None:
+                raise FloatingPointError(
+                    f"non-finite loss or gradient at step {bad}; stopped before step {step} was saved, "
+                    f"so the last checkpoint in {store.directory} (step {store.latest_step()}) is intact")
+
+        step = start
+        while step < training.num_steps and not preempted.is_set():
+            images = np.stack([next(batches)["image"] for _ in range(training.substeps)])
+            state, metrics = experiment.train_steps(state, shard_batch(images, experiment.mesh, leading_axes=1),
+                                                    train_rng)
+            history.append((step + 1, metrics))
+            step += training.substeps
             report(step)
+            if step % training.checkpoint_every == 0 or step == training.num_steps:
+                check_finite(step)
+                store.save(step, state, force=True)
             if step % training.log_every == 0:
-                means = jax.tree.map(lambda *v: float(np.mean(v)), *jax.device_get(history))
+                check_finite(step)
+                means = jax.tree.map(lambda *v: float(np.mean(v)), *jax.device_get([m for _, m in history]))
                 writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
                 history = []
             if step % training.eval_every == 0 or step == training.num_steps:
@@ -156,17 +199,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 writer.write_scalars(step, {f"eval/{k}": v for k, v in evaluation.items()})
             if step % training.sample_every == 0 or step == training.num_steps:
                 samples_path = experiment.write_samples(writer, step, state.ema_params)
-            if step % training.checkpoint_every == 0 or step == training.num_steps:
-                store.save(step, state, force=True)
+        if preempted.is_set() and step > start:
+            check_finite(step)
+            store.save(step, state, force=True)
+            logging.warning("SIGTERM: saved step %d in %s and stopped", step, store.directory)
         store.wait_until_finished()
-        final_step = int(state.step)
-        if final_step == start:  # nothing left to train: report the checkpoint as it is
+        if evaluation is None:  # preempted, or nothing left to train: report the state as it is
             evaluation = experiment.evaluate(state.ema_params)
-            samples_path = experiment.write_samples(writer, final_step, state.ema_params)
+            samples_path = experiment.write_samples(writer, step, state.ema_params)
         writer.flush()
-        return {**evaluation, "step": final_step, "resumed_from": start, "train_seconds": time.time() - started,
-                "workdir": experiment.workdir, "checkpoint": os.path.join(store.directory, str(store.latest_step())),
+        return {**evaluation, "step": step, "resumed_from": start, "preempted": preempted.is_set(),
+                "train_seconds": time.time() - started, "workdir": experiment.workdir,
+                "checkpoint": os.path.join(store.directory, str(store.latest_step())),
                 "samples": samples_path}
+
+
+@contextlib.contextmanager
+def _preemption_flag():
+    """A threading.Event set by SIGTERM while the block runs (the previous handler is restored after)."""
+    flag = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
