@@ -27,6 +27,7 @@ setup(
         "pillow>=10",
         # tfds 4.9.10 imports it unconditionally (tensorflow/datasets#11212).
         "importlib_resources>=5",
+        "psutil>=5",
     ],
     extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11", "packaging>=23"]},
 )

@@ -15,5 +15,4 @@ from configs import vdm_cifar10
 def get_config():
     config = vdm_cifar10.get_config()
     config.data.augment = "dihedral"
-    config.data.eval_split = "test"
     return config

@@ -17,6 +17,8 @@ def get_config():
     config.data.dataset = "digits"
     config.data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS default when None
     config.data.vocab_size = ml_collections.config_dict.placeholder(int)  # taken from the data when None
+    config.data.augment = ml_collections.config_dict.placeholder(str)  # None | "dihedral" (square images)
+    config.data.eval_split = "test"
 
     config.model = ml_collections.ConfigDict()
     config.model.schedule = "learned_monotone"  # fixed_linear | learned_linear | learned_monotone | cosine | ddpm_linear

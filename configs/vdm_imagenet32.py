@@ -17,7 +17,6 @@ pipeline's error for unprepared data gives a plain-Python equivalent) and train:
   python -m ddm_jax.main --config=configs/vdm_imagenet32.py --workdir=workdirs/vdm_imagenet32 \
       --config.data.data_dir=DATA_DIR
 """
-import ml_collections
 
 from configs import vdm_cifar10
 
@@ -25,7 +24,6 @@ from configs import vdm_cifar10
 def get_config():
     config = vdm_cifar10.get_config()
     config.data.dataset = "downsampled_imagenet/32x32"
-    config.data.augment = ml_collections.config_dict.placeholder(str)
     config.data.eval_split = "validation"
 
     config.model.score_net.embedding_dim = 256  # blocks, dropout, attention: as vdm_cifar10

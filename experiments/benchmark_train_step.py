@@ -64,12 +64,13 @@ def benchmark_train_step(config, batch_size: int, image_shape, vocab_size: int, 
     images = jax.random.randint(jax.random.PRNGKey(1), (batch_size, *image_shape), 0, vocab_size)
     step = jax.jit(functools.partial(train_step, model, optimizer, config.training.ema_decay))
     rng = jax.random.PRNGKey(2)
-    compiled = step.lower(state, images, rng).compile()
+    batch = {"image": images}
+    compiled = step.lower(state, batch, rng).compile()
     flops = flops_of(compiled)
 
     def run(state):
         for _ in range(steps):
-            state, metrics = compiled(state, images, rng)
+            state, metrics = compiled(state, batch, rng)
         return state, metrics
 
     jax.block_until_ready(run(state))  # warm up

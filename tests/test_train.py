@@ -84,3 +84,26 @@ def test_bad_config_is_refused_before_compilation(trained, field, value, message
     config[section][name] = value
     with pytest.raises(ValueError, match=message):
         trainer.check_config(config)
+
+
+def test_cifar10_with_dihedral_augmentation_steps_and_evaluates_on_mock_data(tmp_path):
+    """The augmentation reaches the network as an 8-way one-hot cond; eval conditions on the identity.
+    (Only the data is mocked: mock_data also redirects file writes, so no checkpoint is written.)"""
+    import tensorflow_datasets as tfds
+
+    from ddm_jax.data import train_batches
+    from ddm_jax.training.sharding import shard_batch
+
+    config = tiny_config(tmp_path / "tfds")
+    config.data.dataset, config.data.augment = "cifar10", "dihedral"
+    config.eval.batch_size = 32
+    with tfds.testing.mock_data(num_examples=48):
+        experiment = trainer.Experiment(config, str(tmp_path / "workdir"))
+        assert experiment.model.network.cond_dim == 8
+        batch = next(train_batches(experiment.spec, batch_size=16, seed=0, augment="dihedral"))
+        assert batch["cond"].shape == (16, 8)
+        batches = shard_batch({k: batch[k][None] for k in ("image", "cond")}, experiment.mesh, leading_axes=1)
+        state, metrics = experiment.train_steps(experiment.initial_state(), batches, experiment.rng)
+        evaluation = experiment.evaluate(state.ema_params)
+    assert np.isfinite(float(metrics["loss"][0])) and int(state.step) == 1
+    assert evaluation["num_examples"] == 48 and np.isfinite(evaluation["bpd"])

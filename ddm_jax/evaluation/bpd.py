@@ -36,9 +36,9 @@ def evaluate_bpd(terms_fn: Callable, params, rng: jax.Array, batches: Iterable[d
                  num_dims: int, num_time_samples: int = 1) -> dict[str, float]:
     """Mean and standard error of the ELBO in bits/dim over all examples of `batches`.
 
-    terms_fn(params, rng, images) -> per-example terms [B] (nats; "bpd" in bits/dim), as
+    terms_fn(params, rng, batch) -> per-example terms [B] (nats; "bpd" in bits/dim), as
     VDM.elbo_terms returns them; each example's estimate averages `num_time_samples` draws of
-    (t, eps). Batches carry "image" and a boolean "mask" of real (not padding) examples.
+    (t, eps). Batches carry what terms_fn reads and a boolean "mask" of real (not padding) examples.
     Returns {"bpd", "bpd_stderr", "reconstruction_bpd", "prior_bpd", "diffusion_bpd", "num_examples"}.
     """
     moments = {name: MaskedMoments() for name in TERMS}
@@ -46,7 +46,7 @@ def evaluate_bpd(terms_fn: Callable, params, rng: jax.Array, batches: Iterable[d
         mask = np.asarray(batch["mask"], bool)
         per_example = {name: 0.0 for name in TERMS}
         for sample in range(num_time_samples):
-            terms = terms_fn(params, jax.random.fold_in(rng, index * num_time_samples + sample), batch["image"])
+            terms = terms_fn(params, jax.random.fold_in(rng, index * num_time_samples + sample), batch)
             terms = jax.device_get({name: terms[name] for name in TERMS})
             for name in TERMS:
                 per_example[name] = per_example[name] + terms[name] / num_time_samples

@@ -43,10 +43,11 @@ class VDM:
 
     # Parameters and the two functions the diffusion code takes ---------------------------------
 
-    def init(self, rng, image_shape, cond_dim: int | None = None):
+    def init(self, rng, image_shape):
         rng_schedule, rng_network = jax.random.split(rng)
         schedule = self.schedule.init(rng_schedule, jnp.zeros((1,)))
         z = jnp.zeros((1, *image_shape))
+        cond_dim = getattr(self.network, "cond_dim", None)
         cond = None if cond_dim is None else jnp.zeros((1, cond_dim))
         network = self.network.init(rng_network, z, jnp.zeros((1,)), cond=cond)
         return {"schedule": schedule.get("params", {}), "network": network.get("params", {})}
@@ -155,8 +156,9 @@ def schedule_from_config(cfg) -> nn.Module:
     return build_schedule(cfg.schedule, **kwargs)
 
 
-def build_vdm(cfg, image_shape, vocab_size: int) -> VDM:
-    """The VDM that config.model describes, for data of `image_shape` with `vocab_size` values.
+def build_vdm(cfg, image_shape, vocab_size: int, cond_dim: int | None = None) -> VDM:
+    """The VDM that config.model describes, for data of `image_shape` with `vocab_size` values,
+    its network conditioned on a `cond_dim` vector when given (e.g. the augmentation applied).
 
     Every check that needs no compilation happens here: names, ranges, and whether the network
     takes the image shape.
@@ -169,7 +171,7 @@ def build_vdm(cfg, image_shape, vocab_size: int) -> VDM:
     if cfg.network not in NETWORKS:
         raise ValueError(f"model.network={cfg.network!r} is not one of {tuple(NETWORKS)}")
     network = build_network(cfg.network, gamma_min=cfg.gamma_min, gamma_max=cfg.gamma_max,
-                            **cfg[cfg.network].to_dict())
+                            cond_dim=cond_dim, **cfg[cfg.network].to_dict())
     network.check_input_shape(tuple(image_shape))
     return VDM(schedule=schedule, network=network, vocab_size=vocab_size, T=cfg.T,
                parameterization=cfg.parameterization, loss=cfg.loss,

@@ -21,7 +21,8 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from ddm_jax.data import DatasetSpec, dataset_spec, eval_batches, train_batches
+from ddm_jax.data import (AUGMENT_COND_DIM, DatasetSpec, check_augment, check_eval_split, dataset_spec,
+                          eval_batches, identity_cond, train_batches)
 from ddm_jax.evaluation.bpd import evaluate_bpd
 from ddm_jax.evaluation.images import image_grid, save_png, to_uint8
 from ddm_jax.models.vdm import VDM, build_vdm
@@ -59,13 +60,18 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[DatasetSpec, VDM]:
         raise ValueError(
             f"data.vocab_size={config.data.vocab_size} disagrees with dataset {spec.name!r}, whose "
             f"values lie in [0, {spec.vocab_size}); set data.vocab_size={spec.vocab_size} or leave it unset")
-    return spec, build_vdm(config.model, spec.image_shape, spec.vocab_size)
+    check_augment(config.data.augment, spec.image_shape)
+    check_eval_split(spec, config.data.eval_split)
+    cond_dim = AUGMENT_COND_DIM.get(config.data.augment)
+    return spec, build_vdm(config.model, spec.image_shape, spec.vocab_size, cond_dim=cond_dim)
 
 
-def train_step(model: VDM, optimizer, ema_decay, state: TrainState, images, rng):
-    """One AdamW step on the batch's loss; metrics are batch means (and the diffusion term's variance)."""
+def train_step(model: VDM, optimizer, ema_decay, state: TrainState, batch, rng):
+    """One AdamW step on the loss of batch {"image", optional "cond"}; metrics are batch means (and
+    the diffusion term's variance)."""
     rng = jax.random.fold_in(rng, state.step)
-    (loss, terms), grads = model.value_and_grad(state.params, rng, images)
+    images = batch["image"]
+    (loss, terms), grads = model.value_and_grad(state.params, rng, images, cond=batch.get("cond"))
     state = apply_updates(state, grads, optimizer, ema_decay)
     num_dims = math.prod(images.shape[1:])
     to_bpd = 1.0 / (num_dims * jnp.log(2.0))
@@ -81,10 +87,11 @@ def train_step(model: VDM, optimizer, ema_decay, state: TrainState, images, rng)
     return state, metrics
 
 
-def train_steps(model: VDM, optimizer, ema_decay, state: TrainState, images, rng):
-    """Several train steps in one call (lax.scan over images [substeps, B, ...]); metrics [substeps]."""
-    return jax.lax.scan(lambda state, images: train_step(model, optimizer, ema_decay, state, images, rng),
-                        state, images)
+def train_steps(model: VDM, optimizer, ema_decay, state: TrainState, batches, rng):
+    """Several train steps in one call (lax.scan over batches with leaves [substeps, B, ...]);
+    metrics [substeps]."""
+    return jax.lax.scan(lambda state, batch: train_step(model, optimizer, ema_decay, state, batch, rng),
+                        state, batches)
 
 
 class Experiment:
@@ -119,17 +126,24 @@ class Experiment:
             max_to_keep=self.config.training.keep_checkpoints,
             save_interval_steps=self.config.training.checkpoint_every)
 
+    def cond(self, batch_size: int):
+        """The conditioning of un-augmented data: the identity's one-hot, or None without augmentation."""
+        return identity_cond(batch_size, self.config.data.augment)
+
     def evaluate(self, params) -> dict[str, float]:
-        batches = eval_batches(self.spec, batch_size=self.config.eval.batch_size,
-                               data_dir=self.config.data.data_dir)
-        sharded = ({"image": shard_batch(b["image"], self.mesh), "mask": b["mask"]} for b in batches)
-        return evaluate_bpd(self.elbo_terms, params, jax.random.fold_in(self.rng, 1), sharded,
+        data = self.config.data
+        batches = eval_batches(self.spec, split=data.eval_split, batch_size=self.config.eval.batch_size,
+                               data_dir=data.data_dir)
+        sharded = ({**shard_batch({"image": b["image"], "cond": self.cond(len(b["image"]))}, self.mesh),
+                    "mask": b["mask"]} for b in batches)
+        terms_fn = lambda params, rng, batch: self.elbo_terms(params, rng, batch["image"], cond=batch["cond"])
+        return evaluate_bpd(terms_fn, params, jax.random.fold_in(self.rng, 1), sharded,
                             num_dims=self.num_dims, num_time_samples=self.config.eval.num_time_samples)
 
     def write_samples(self, writer, step: int, params) -> str:
         training = self.config.training
         k = self.sample(params, jax.random.fold_in(self.rng, 2), training.num_samples,
-                        self.spec.image_shape, steps=training.sample_steps)
+                        self.spec.image_shape, steps=training.sample_steps, cond=self.cond(training.num_samples))
         grid = image_grid(to_uint8(np.asarray(jax.device_get(k)), self.spec.vocab_size))
         path = os.path.join(self.workdir, "samples", f"step_{step}.png")
         if jax.process_index() == 0:
@@ -164,7 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             state = store.restore(start, state)
             logging.info("Resumed from step %d in %s", start, store.directory)
         batches = train_batches(experiment.spec, batch_size=training.batch_size, seed=training.seed,
-                                data_dir=config.data.data_dir, start_step=start,
+                                data_dir=config.data.data_dir, start_step=start, augment=config.data.augment,
                                 process_index=jax.process_index(), process_count=jax.process_count())
         report = periodic_actions.ReportProgress(num_train_steps=training.num_steps, writer=writer)
         train_rng = jax.random.fold_in(experiment.rng, 3)
@@ -180,8 +194,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
         step = start
         while step < training.num_steps and not preempted.is_set():
-            images = np.stack([next(batches)["image"] for _ in range(training.substeps)])
-            state, metrics = experiment.train_steps(state, shard_batch(images, experiment.mesh, leading_axes=1),
+            local = [next(batches) for _ in range(training.substeps)]
+            local = {key: np.stack([b[key] for b in local]) for key in ("image", "cond") if key in local[0]}
+            state, metrics = experiment.train_steps(state, shard_batch(local, experiment.mesh, leading_axes=1),
                                                     train_rng)
             history.append((step + 1, metrics))
             step += training.substeps
