@@ -107,3 +107,24 @@ def test_cifar10_with_dihedral_augmentation_steps_and_evaluates_on_mock_data(tmp
         evaluation = experiment.evaluate(state.ema_params)
     assert np.isfinite(float(metrics["loss"][0])) and int(state.step) == 1
     assert evaluation["num_examples"] == 48 and np.isfinite(evaluation["bpd"])
+
+
+@pytest.mark.parametrize("sampler, steps, eta", [("ddim", 3, 0.5), ("ode", 2, None)])
+def test_sample_mode_writes_a_grid_and_integers(trained, sampler, steps, eta):
+    data_dir, workdir, _ = trained
+    result = trainer.sample_checkpoint(tiny_config(data_dir), workdir, sampler=sampler, steps=steps,
+                                       num_samples=5, eta=eta)
+    samples = np.load(result["npz"])["samples"]
+    assert os.path.isfile(result["png"]) and samples.shape == (5, 8, 8, 1)
+    assert samples.min() >= 0 and samples.max() < 17
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(sampler="heun", steps=3, eta=None), "--sampler='heun' is not one of"),
+    (dict(sampler="ddim", steps=0, eta=None), "--steps=0 must be an integer >= 1"),
+    (dict(sampler="ddim", steps=3, eta=1.5), "eta=1.5 must be in"),
+    (dict(sampler="ancestral", steps=3, eta=0.5), "--eta=0.5 applies to --sampler=ddim only"),
+])
+def test_bad_sampling_flags_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        trainer.check_sampler_settings(num_samples=4, **settings)

@@ -15,10 +15,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ddm_jax.diffusion import (SHAPE_PARAMS, WEIGHTINGS, ancestral_sample, bits_per_dim,
+from ddm_jax.diffusion import (SHAPE_PARAMS, WEIGHTINGS, bits_per_dim,
                                build_schedule, check_parameterization, denoising_loss,
                                diffusion_weight, encode, prior_loss, reconstruction_logits,
                                reconstruction_loss, sample_times)
+from ddm_jax.diffusion.samplers import sample as run_sampler
 from ddm_jax.models import NETWORKS, as_denoise_fn, build_network
 
 
@@ -130,12 +131,16 @@ class VDM:
 
     # Generation ----------------------------------------------------------------------------------
 
-    def sample(self, params, rng, num: int, image_shape, *, steps: int, cond=None):
-        """Integer samples k [num, *image_shape]: `steps` ancestral steps from z_1, then k ~ p(k | z_0)."""
+    def sample(self, params, rng, num: int, image_shape, *, steps: int, cond=None, sampler: str = "ancestral",
+               **settings):
+        """Integer samples k [num, *image_shape]: z_0 by `sampler` (diffusion.SAMPLERS) in `steps` steps
+        from z_1 ~ N(0, I), then k ~ p(k | z_0). `settings` go to the sampler (e.g. eta, grid)."""
         rng_z, rng_k = jax.random.split(rng)
         gamma_fn = self.gamma_fn(params["schedule"])
-        z_0 = ancestral_sample(rng_z, self.denoise_fn(params["network"], cond=cond), gamma_fn,
-                               (num, *image_shape), T=steps, parameterization=self.parameterization)
+        z_0 = run_sampler(sampler, rng_z, self.denoise_fn(params["network"], cond=cond), gamma_fn,
+                          (num, *image_shape), steps=steps, parameterization=self.parameterization, **settings)
+        if sampler == "ode":  # the adaptive solver also returns its number of function evaluations
+            z_0 = z_0[0]
         logits = reconstruction_logits(z_0, gamma_fn(jnp.zeros(())), self.vocab_size)
         return jax.random.categorical(rng_k, logits)
 

@@ -23,6 +23,8 @@ from clu import metric_writers, periodic_actions
 
 from ddm_jax.data import (AUGMENT_COND_DIM, DatasetSpec, check_augment, check_eval_split, dataset_spec,
                           eval_batches, identity_cond, train_batches)
+from ddm_jax.diffusion import SAMPLERS
+from ddm_jax.diffusion.samplers import check_eta
 from ddm_jax.evaluation.bpd import evaluate_bpd
 from ddm_jax.evaluation.images import image_grid, save_png, to_uint8
 from ddm_jax.models.vdm import VDM, build_vdm
@@ -109,7 +111,8 @@ class Experiment:
             functools.partial(train_steps, self.model, self.optimizer, config.training.ema_decay),
             out_shardings=(state_sharding, state_sharding), donate_argnums=(0,))
         self.elbo_terms = jax.jit(self.model.elbo_terms)
-        self.sample = jax.jit(self.model.sample, static_argnums=(2, 3), static_argnames=("steps",))
+        self.sample = jax.jit(self.model.sample, static_argnums=(2, 3),
+                              static_argnames=("steps", "sampler", "eta", "grid"))
 
     def initial_state(self) -> TrainState:
         params = self.model.init(jax.random.fold_in(self.rng, 0), self.spec.image_shape)
@@ -249,3 +252,38 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             raise ValueError(f"--workdir={workdir} holds no checkpoint to evaluate; train first")
         state = store.restore(step, experiment.initial_state())
     return {**experiment.evaluate(state.ema_params), "step": step}
+
+
+def sample_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, sampler: str, steps: int,
+                      num_samples: int, eta: float | None = None) -> dict:
+    """Samples the latest checkpoint's EMA parameters; writes a PNG grid and an .npz of the integers."""
+    check_sampler_settings(sampler, steps, num_samples, eta)
+    experiment = Experiment(config, workdir)
+    with experiment.checkpoints() as store:
+        step = store.latest_step()
+        if step is None:
+            raise ValueError(f"--workdir={workdir} holds no checkpoint to sample; train first")
+        state = store.restore(step, experiment.initial_state())
+    settings = {} if eta is None else {"eta": eta}
+    k = jax.device_get(experiment.sample(state.ema_params, jax.random.fold_in(experiment.rng, 4), num_samples,
+                                         experiment.spec.image_shape, steps=steps, sampler=sampler,
+                                         cond=experiment.cond(num_samples), **settings))
+    stem = os.path.join(experiment.workdir, "samples", f"{sampler}_{steps}steps_checkpoint{step}")
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
+    save_png(f"{stem}.png", image_grid(to_uint8(np.asarray(k), experiment.spec.vocab_size)))
+    np.savez(f"{stem}.npz", samples=np.asarray(k), vocab_size=experiment.spec.vocab_size)
+    return {"step": step, "png": f"{stem}.png", "npz": f"{stem}.npz"}
+
+
+def check_sampler_settings(sampler: str, steps: int, num_samples: int, eta: float | None) -> None:
+    """The sampling flags, checked before anything is built or compiled."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"--sampler={sampler!r} is not one of {SAMPLERS}")
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ValueError(f"--steps={steps!r} must be an integer >= 1")
+    if not (isinstance(num_samples, int) and num_samples >= 1):
+        raise ValueError(f"--num_samples={num_samples!r} must be an integer >= 1")
+    if eta is not None:
+        if sampler != "ddim":
+            raise ValueError(f"--eta={eta} applies to --sampler=ddim only, not {sampler!r}")
+        check_eta(eta)
