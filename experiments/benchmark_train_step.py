@@ -22,14 +22,18 @@ from ml_collections import config_flags
 from ddm_jax.data import dataset_spec
 from ddm_jax.models.vdm import build_vdm
 from ddm_jax.training.optimizer import make_optimizer
+from ddm_jax.training.sharding import make_mesh, replicate, replicated, shard_batch
 from ddm_jax.training.train_state import create_train_state
-from ddm_jax.training.trainer import train_step
+from ddm_jax.training.trainer import train_steps
 
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 flags.DEFINE_integer("batch_size", None, "Batch size (default: the config's).")
 flags.DEFINE_list("image_shape", None, "H,W,C (default: the config's dataset).")
 flags.DEFINE_integer("vocab_size", None, "Number of data values (default: the config's dataset).")
-flags.DEFINE_integer("steps", 20, "Timed steps.")
+flags.DEFINE_integer("steps", 20, "Timed steps (a multiple of --substeps).")
+flags.DEFINE_integer("substeps", 1, "Train steps per call (lax.scan).")
+flags.DEFINE_integer("num_devices", None, "Devices of the data mesh (default: all; fake CPU devices with "
+                     "XLA_FLAGS=--xla_force_host_platform_device_count=N).")
 flags.DEFINE_integer("matmul_size", 2048, "n of the n x n float32 matmul that sets the reference FLOP/s.")
 flags.DEFINE_string("out", None, "Write the figures to this JSON file.")
 FLAGS = flags.FLAGS
@@ -57,28 +61,35 @@ def matmul_flops_per_second(n: int, trials: int = 5) -> float:
     return 2.0 * n**3 / min(seconds_per_call(matmul, (a, b), repeats=5) for _ in range(trials))
 
 
-def benchmark_train_step(config, batch_size: int, image_shape, vocab_size: int, steps: int) -> dict:
+def benchmark_train_step(config, batch_size: int, image_shape, vocab_size: int, steps: int,
+                         substeps: int = 1, num_devices: int | None = None) -> dict:
+    """The trainer's jitted, donated train step (`substeps` per call) on a data mesh."""
+    mesh = make_mesh(num_devices)
     model = build_vdm(config.model, image_shape, vocab_size)
     optimizer = make_optimizer(config.optimizer)
-    state = create_train_state(model.init(jax.random.PRNGKey(0), image_shape), optimizer)
-    images = jax.random.randint(jax.random.PRNGKey(1), (batch_size, *image_shape), 0, vocab_size)
-    step = jax.jit(functools.partial(train_step, model, optimizer, config.training.ema_decay))
+    state = replicate(create_train_state(model.init(jax.random.PRNGKey(0), image_shape), optimizer), mesh)
+    images = np.random.default_rng(1).integers(0, vocab_size, (substeps, batch_size, *image_shape))
+    batch = shard_batch({"image": images}, mesh, leading_axes=1)
+    step = jax.jit(functools.partial(train_steps, model, optimizer, config.training.ema_decay),
+                   out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=(0,))
     rng = jax.random.PRNGKey(2)
-    batch = {"image": images}
     compiled = step.lower(state, batch, rng).compile()
-    flops = flops_of(compiled)
+    flops = flops_of(compiled)  # XLA counts a scan body once: the FLOPs of one step
+    memory = compiled.memory_analysis()
 
     def run(state):
-        for _ in range(steps):
+        for _ in range(steps // substeps):
             state, metrics = compiled(state, batch, rng)
         return state, metrics
 
-    jax.block_until_ready(run(state))  # warm up
+    state, _ = jax.block_until_ready(run(state))  # warm up
     start = time.perf_counter()
     jax.block_until_ready(run(state))
     seconds = (time.perf_counter() - start) / steps
-    return {"batch_size": batch_size, "image_shape": list(image_shape), "step_seconds": seconds,
-            "images_per_second": batch_size / seconds, "step_flops": flops, "flops_per_second": flops / seconds}
+    return {"batch_size": batch_size, "image_shape": list(image_shape), "substeps": substeps,
+            "num_devices": mesh.size, "step_seconds": seconds, "images_per_second": batch_size / seconds,
+            "step_flops": flops, "flops_per_second": flops / seconds,
+            "temp_bytes": memory.temp_size_in_bytes, "argument_bytes": memory.argument_size_in_bytes}
 
 
 def main(argv):
@@ -89,7 +100,8 @@ def main(argv):
     image_shape = tuple(int(s) for s in FLAGS.image_shape) if FLAGS.image_shape else spec.image_shape
     vocab_size = FLAGS.vocab_size or spec.vocab_size
     batch_size = FLAGS.batch_size or config.training.batch_size
-    result = benchmark_train_step(config, batch_size, image_shape, vocab_size, FLAGS.steps)
+    result = benchmark_train_step(config, batch_size, image_shape, vocab_size, FLAGS.steps,
+                                  FLAGS.substeps, FLAGS.num_devices)
     result["matmul_flops_per_second"] = matmul_flops_per_second(FLAGS.matmul_size)
     result["fraction_of_matmul"] = result["flops_per_second"] / result["matmul_flops_per_second"]
     result["device"] = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
@@ -97,7 +109,9 @@ def main(argv):
     print(f"{result['images_per_second']:.1f} images/s, {result['step_seconds'] * 1e3:.1f} ms/step, "
           f"{result['step_flops'] / 1e9:.2f} GFLOP/step, {result['flops_per_second'] / 1e9:.1f} GFLOP/s = "
           f"{100 * result['fraction_of_matmul']:.0f}% of the {FLAGS.matmul_size}^2 matmul's "
-          f"{result['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s on {result['device']}")
+          f"{result['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s on {result['device']}; "
+          f"{result['substeps']} substeps, mesh of {result['num_devices']}, "
+          f"XLA temp {result['temp_bytes'] / 2**20:.1f} MiB + arguments {result['argument_bytes'] / 2**20:.1f} MiB")
     if FLAGS.out:
         os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
         with open(FLAGS.out, "w") as f:
