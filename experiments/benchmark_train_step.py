@@ -74,7 +74,7 @@ def benchmark_train_step(config, batch_size: int, image_shape, vocab_size: int, 
                    out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=(0,))
     rng = jax.random.PRNGKey(2)
     compiled = step.lower(state, batch, rng).compile()
-    flops = flops_of(compiled)  # XLA counts a scan body once: the FLOPs of one step
+    flops = flops_of(compiled) / substeps  # per device: a sharded program counts its own shard
     memory = compiled.memory_analysis()
 
     def run(state):
