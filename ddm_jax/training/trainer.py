@@ -137,6 +137,14 @@ class Experiment:
             max_to_keep=self.config.training.keep_checkpoints,
             save_interval_steps=self.config.training.checkpoint_every)
 
+    def restore_latest(self, purpose: str) -> tuple[int, TrainState]:
+        """(step, state) of the workdir's latest checkpoint; refuses a workdir without one."""
+        with self.checkpoints() as store:
+            step = store.latest_step()
+            if step is None:
+                raise ValueError(f"--workdir={self.workdir} holds no checkpoint to {purpose}; train first")
+            return step, store.restore(step, self.initial_state())
+
     def cond(self, batch_size: int):
         """The conditioning of un-augmented data: the identity's one-hot, or None without augmentation."""
         return identity_cond(batch_size, self.config.data.augment)
@@ -254,11 +262,7 @@ def _preemption_flag():
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Test bits/dim of the latest checkpoint's EMA parameters in workdir; refuses an empty workdir."""
     experiment = Experiment(config, workdir)
-    with experiment.checkpoints() as store:
-        step = store.latest_step()
-        if step is None:
-            raise ValueError(f"--workdir={workdir} holds no checkpoint to evaluate; train first")
-        state = store.restore(step, experiment.initial_state())
+    step, state = experiment.restore_latest("evaluate")
     return {**experiment.evaluate(state.ema_params), "step": step}
 
 
@@ -267,11 +271,7 @@ def sample_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, sample
     """Samples the latest checkpoint's EMA parameters; writes a PNG grid and an .npz of the integers."""
     check_sampler_settings(sampler, steps, num_samples, eta)
     experiment = Experiment(config, workdir)
-    with experiment.checkpoints() as store:
-        step = store.latest_step()
-        if step is None:
-            raise ValueError(f"--workdir={workdir} holds no checkpoint to sample; train first")
-        state = store.restore(step, experiment.initial_state())
+    step, state = experiment.restore_latest("sample")
     settings = {} if eta is None else {"eta": eta}
     k = jax.device_get(experiment.sample(state.ema_params, jax.random.fold_in(experiment.rng, 4), num_samples,
                                          experiment.spec.image_shape, steps=steps, sampler=sampler,
