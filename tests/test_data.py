@@ -175,6 +175,15 @@ def test_start_step_resumes_where_a_run_left_off(data_dir, start_step):
         np.testing.assert_array_equal(a["label"], b["label"])
 
 
+def assert_processes_make_up_global_batches(per_process, global_batches, keys):
+    """Each global batch is the processes' batches of the same step, stacked in process order."""
+    for step, global_batch in enumerate(global_batches):
+        for key in keys:
+            np.testing.assert_array_equal(
+                np.concatenate([process[step][key] for process in per_process]), global_batch[key]
+            )
+
+
 @pytest.mark.parametrize("process_count", [2, 3])
 def test_processes_split_the_global_train_batch(data_dir, process_count):
     def batches(**kwargs):
@@ -182,11 +191,7 @@ def test_processes_split_the_global_train_batch(data_dir, process_count):
 
     global_batches = batches()
     per_process = [batches(process_index=p, process_count=process_count) for p in range(process_count)]
-    for step, global_batch in enumerate(global_batches):
-        for key in ("image", "label"):
-            np.testing.assert_array_equal(
-                np.concatenate([process[step][key] for process in per_process]), global_batch[key]
-            )
+    assert_processes_make_up_global_batches(per_process, global_batches, ("image", "label"))
 
 
 @pytest.mark.parametrize(
@@ -225,11 +230,7 @@ def test_processes_split_the_eval_pass(data_dir):
         for p in range(2)
     ]
     assert len(per_process[0]) == len(per_process[1]) == len(global_batches)
-    for step, global_batch in enumerate(global_batches):
-        for key in ("image", "label", "mask"):
-            np.testing.assert_array_equal(
-                np.concatenate([process[step][key] for process in per_process]), global_batch[key]
-            )
+    assert_processes_make_up_global_batches(per_process, global_batches, ("image", "label", "mask"))
 
 
 def test_eval_batches_reject_uneven_process_split(data_dir):
@@ -293,11 +294,7 @@ def test_processes_split_the_augmented_global_batch(data_dir):
 
     global_batches = batches()
     per_process = [batches(process_index=p, process_count=3) for p in range(3)]
-    for step, global_batch in enumerate(global_batches):
-        for key in ("image", "label", "cond"):
-            np.testing.assert_array_equal(
-                np.concatenate([process[step][key] for process in per_process]), global_batch[key]
-            )
+    assert_processes_make_up_global_batches(per_process, global_batches, ("image", "label", "cond"))
 
 
 def test_unknown_augmentation_is_a_clear_error(data_dir):
