@@ -11,7 +11,7 @@ WORKDIR ?= workdirs/vdm_digits
 $(VENV)/.installed: setup.py
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,experiments]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -29,5 +29,8 @@ setup(
         "importlib_resources>=5",
         "psutil>=5",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11", "packaging>=23"]},
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11", "packaging>=23"],
+        "experiments": ["matplotlib>=3.8,<4"],  # the plots in experiments/results
+    },
 )

@@ -6,6 +6,12 @@ dropout 0.1), batch 128, AdamW (lr 2e-4 with warmup, b2 = 0.99, weight decay 0.0
 EMA 0.9999. Needs cifar10 prepared for TFDS (`tfds build cifar10` on a machine online).
 
   python -m ddm_jax.main --config=configs/vdm_cifar10.py --workdir=workdirs/vdm_cifar10
+
+bfloat16 computation with float32 parameters (on GPUs/TPUs with bfloat16 units; this holds
+for the configs built on this one too):
+
+  python -m ddm_jax.main --config=configs/vdm_cifar10.py --workdir=workdirs/vdm_cifar10_bf16 \
+      --config.model.score_net.dtype=bfloat16
 """
 import ml_collections
 
@@ -18,7 +24,8 @@ def get_config():
 
     config.model.score_net = ml_collections.ConfigDict(dict(
         embedding_dim=128, n_layers=32, dropout=0.1, with_fourier_features=True,
-        fourier_first=6, fourier_last=8, fourier_step=1, with_attention=False))
+        fourier_first=6, fourier_last=8, fourier_step=1, with_attention=False,
+        dtype="float32"))  # "bfloat16": bfloat16 compute, float32 parameters
 
     config.optimizer.lr = 2e-4
     config.optimizer.warmup_steps = 5000

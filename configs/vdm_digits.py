@@ -32,11 +32,13 @@ def get_config():
     config.model.loss = "elbo"  # elbo | simple (DDPM's L_simple)
     config.model.antithetic_time_sampling = True
     config.model.network = "score_net"  # score_net | unet
+    # dtype: the networks' computation dtype, "float32" | "bfloat16"; parameters stay float32.
     config.model.score_net = ml_collections.ConfigDict(dict(
         embedding_dim=32, n_layers=4, dropout=0.0, with_fourier_features=True,
-        fourier_first=6, fourier_last=8, fourier_step=1, with_attention=False))
+        fourier_first=6, fourier_last=8, fourier_step=1, with_attention=False, dtype="float32"))
     config.model.unet = ml_collections.ConfigDict(dict(
-        ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, num_heads=1))
+        ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, num_heads=1,
+        dtype="float32"))
 
     config.optimizer = ml_collections.ConfigDict(dict(
         lr=2e-3, warmup_steps=200, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.01,

@@ -57,7 +57,9 @@ def test_reconstruction_matches_direct_sum_over_values(vocab_size, gamma_0):
     loss = diffusion.reconstruction_loss(rng, k, gamma_0, vocab_size=vocab_size)
     # Independent computation: the same z_0, then log N(z_0; alpha x_v, sigma^2) normalised over v.
     x = np.asarray(diffusion.encode(k, vocab_size), np.float64)
-    eps = np.asarray(jax.random.normal(rng, k.shape), np.float64)
+    # Example b's noise is normal(fold_in(rng, b)) (per-example draws, the same on any device).
+    eps = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(rng, b), k.shape[1:]), np.float64)
+                    for b in range(k.shape[0])])
     alpha, sigma = np.sqrt(1 / (1 + np.exp(gamma_0))), np.sqrt(1 / (1 + np.exp(-gamma_0)))
     z_0 = alpha * x + sigma * eps
     x_values = 2 * (np.arange(vocab_size) + 0.5) / vocab_size - 1
@@ -168,7 +170,7 @@ def test_simple_loss_is_unweighted_eps_mse():
     simple = diffusion.diffusion_loss(rng, x, denoise, schedule, T=10, weighting="simple")
     rng_t, rng_eps = jax.random.split(rng)
     t = diffusion.sample_times(rng_t, 64, T=10)
-    eps = jax.random.normal(rng_eps, x.shape)
+    eps = jnp.stack([jax.random.normal(jax.random.fold_in(rng_eps, b), x.shape[1:]) for b in range(64)])
     alpha, sigma = diffusion.alpha_sigma(schedule(t)[:, None])
     z = alpha * x + sigma * eps
     np.testing.assert_allclose(simple, ((eps - 0.3 * z) ** 2).sum(-1), rtol=1e-5)
@@ -194,3 +196,14 @@ def test_posterior_matches_bayes_rule_in_alphabar_form():
     sigma_q2 = (1 - a_t) * (1 - ab_s) / (1 - ab_t)
     np.testing.assert_allclose(mean, mu_q, rtol=1e-5)
     np.testing.assert_allclose(np.broadcast_to(var, (1, 2)), np.full((1, 2), sigma_q2), rtol=1e-5)
+
+
+@pytest.mark.parametrize("antithetic", [True, False])
+def test_a_shard_draws_its_rows_of_the_whole_batch(antithetic):
+    """Rows 4..7 of a batch of 8 get the times and noise they get when the whole batch is drawn."""
+    rng, rows = jax.random.PRNGKey(5), jnp.arange(4, 8)
+    whole = diffusion.sample_times(rng, 8, T=10, antithetic=antithetic)
+    shard = diffusion.sample_times(rng, 8, T=10, antithetic=antithetic, rows=rows)
+    np.testing.assert_array_equal(shard, whole[4:])
+    np.testing.assert_array_equal(diffusion.per_example_normal(rng, (4, 3), rows),
+                                  diffusion.per_example_normal(rng, (8, 3))[4:])

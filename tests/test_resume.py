@@ -21,13 +21,14 @@ TINY_FLAGS = ["--config.model.schedule_features=16", "--config.model.score_net.e
               "--config.eval.batch_size=360", "--config.eval.num_time_samples=1"]
 
 
-def start_training(data_dir, workdir, num_steps, checkpoint_every):
-    """`python -m ddm_jax.main` on the tiny config; its output goes to workdir/../NAME.log."""
+def start_training(data_dir, workdir, num_steps, checkpoint_every, *, flags=(), env=None, log_suffix=""):
+    """`python -m ddm_jax.main` on the tiny config (plus `flags`, in `env`); its output goes to
+    workdir/../NAME{log_suffix}.log."""
     command = [sys.executable, "-m", "ddm_jax.main", "--config=configs/vdm_digits.py", f"--workdir={workdir}",
                f"--config.data.data_dir={data_dir}", f"--config.training.num_steps={num_steps}",
-               f"--config.training.checkpoint_every={checkpoint_every}", *TINY_FLAGS]
-    log = open(f"{workdir}.log", "a")
-    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+               f"--config.training.checkpoint_every={checkpoint_every}", *TINY_FLAGS, *flags]
+    log = open(f"{workdir}{log_suffix}.log", "a")
+    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     process.log_path = log.name
     return process
 

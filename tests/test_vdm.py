@@ -127,3 +127,16 @@ def test_sample_returns_integers_in_the_vocabulary():
     params = model.init(jax.random.PRNGKey(0), IMAGE_SHAPE)
     k = model.sample(params, jax.random.PRNGKey(1), 3, IMAGE_SHAPE, steps=4)
     assert k.shape == (3, *IMAGE_SHAPE) and k.min() >= 0 and k.max() < 17
+
+
+def test_terms_of_shards_over_a_named_axis_equal_the_whole_batch():
+    """What pmap does with axis_name, checked with vmap over the same axis: 4 shards of 2 examples
+    get the terms of the batch of 8 (the same t and noise per example)."""
+    model = build_vdm(model_config(schedule="learned_monotone"), IMAGE_SHAPE, VOCAB)
+    params = model.init(jax.random.PRNGKey(0), IMAGE_SHAPE)
+    k, rng = gaussian_integers(3, 8), jax.random.PRNGKey(4)
+    whole = model.elbo_terms(params, rng, k)
+    shards = jax.vmap(lambda shard: model.elbo_terms(params, rng, shard, axis_name="d"), axis_name="d")(
+        k.reshape(4, 2, *IMAGE_SHAPE))
+    for name in ("reconstruction", "prior", "diffusion", "bpd"):
+        np.testing.assert_allclose(shards[name].reshape(8), whole[name], rtol=1e-5, err_msg=name)

@@ -9,10 +9,12 @@ from ddm_jax.diffusion.elbo import (
     denoising_loss,
     diffusion_loss,
     diffusion_weight,
+    per_example_normal,
     prior_loss,
     reconstruction_logits,
     reconstruction_loss,
     sample_times,
+    shard_rows,
     sum_over_data_dims,
 )
 from ddm_jax.diffusion.parameterization import (

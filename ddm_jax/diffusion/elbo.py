@@ -6,6 +6,11 @@
   3. diffusion:      continuous time (T = 0): 1/2 E_t [gamma'(t) ||eps - eps_hat(z_t; gamma_t)||^2],
                      T steps:                 T/2 E_i [expm1(gamma_t - gamma_s) ||eps - eps_hat||^2].
 DDPM's L_simple = E ||eps - eps_hat||^2 (seed Algorithm 1) is the diffusion term with weight 1.
+
+Randomness is drawn per example from (rng, row): row b of a batch gets the same t and noise
+whichever device or process holds it, so a batch split over devices (jit over a mesh, pmap,
+several hosts) sees the draws of the whole batch. `rows` [b] are the positions of a shard's
+examples in the batch (default: the whole batch, 0..B-1).
 """
 import jax
 import jax.numpy as jnp
@@ -39,13 +44,13 @@ def reconstruction_logits(z_0: jax.Array, gamma_0: jax.Array, vocab_size: int) -
     return -0.5 * jnp.exp(-gamma_0) * jnp.square(z_0[..., None] / alpha_0 - x_values)
 
 
-def reconstruction_loss(rng: jax.Array, k: jax.Array, gamma_0, *, vocab_size: int) -> jax.Array:
+def reconstruction_loss(rng: jax.Array, k: jax.Array, gamma_0, *, vocab_size: int, rows=None) -> jax.Array:
     """-log p(k | z_0) with z_0 ~ q(z_0 | x), summed over dimensions: [B] nats.
 
-    gamma_0 is a scalar (the schedule at t = 0).
+    gamma_0 is a scalar (the schedule at t = 0); the noise of example b is `per_example_normal`'s.
     """
     x = encode(k, vocab_size)
-    z_0 = q_sample(x, gamma_0, jax.random.normal(rng, x.shape))
+    z_0 = q_sample(x, gamma_0, per_example_normal(rng, x.shape, rows))
     logits = reconstruction_logits(z_0, gamma_0, vocab_size)
     log_p = jnp.take_along_axis(jax.nn.log_softmax(logits), k[..., None].astype(jnp.int32), -1)
     return -sum_over_data_dims(log_p[..., 0])
@@ -61,18 +66,42 @@ def prior_loss(x: jax.Array, gamma_1) -> jax.Array:
     return sum_over_data_dims(0.5 * (sigma2 + alpha2 * jnp.square(x) - 1.0 - log_sigma2))
 
 
+# Per-example randomness ----------------------------------------------------------------------
+
+def batch_rows(rows, batch_size: int) -> jax.Array:
+    """The rows of a shard as an array: `rows`, or 0..batch_size-1 when None."""
+    return jnp.arange(batch_size) if rows is None else jnp.asarray(rows)
+
+
+def shard_rows(local_batch_size: int, axis_name: str | None = None) -> tuple[jax.Array | None, int]:
+    """(rows, B) of this shard's examples: under pmap over `axis_name`, shard i of n holds rows
+    [i b, (i + 1) b) of a batch of B = n b; without an axis, (None, b): the whole batch."""
+    if axis_name is None:
+        return None, local_batch_size
+    first = jax.lax.axis_index(axis_name) * local_batch_size
+    return first + jnp.arange(local_batch_size), local_batch_size * jax.lax.axis_size(axis_name)
+
+
+def per_example_normal(rng: jax.Array, shape, rows=None) -> jax.Array:
+    """Noise [b, *shape[1:]] whose example b is normal(fold_in(rng, rows[b])) (rows default 0..b-1)."""
+    rows = batch_rows(rows, shape[0])
+    return jax.vmap(lambda row: jax.random.normal(jax.random.fold_in(rng, row), shape[1:]))(rows)
+
+
 # 3. Diffusion --------------------------------------------------------------------------------
 
-def sample_times(rng: jax.Array, batch_size: int, *, T: int = 0, antithetic: bool = True) -> jax.Array:
-    """t in (0, 1]: low-discrepancy t_b = mod(u + b / B, 1) with one u per batch, or i.i.d. uniform.
+def sample_times(rng: jax.Array, batch_size: int, *, T: int = 0, antithetic: bool = True,
+                 rows=None) -> jax.Array:
+    """t in (0, 1] for the `rows` of a batch of `batch_size` (default: all B of them).
 
+    Low-discrepancy t_b = mod(u + b / B, 1) with one u per batch, or i.i.d. uniform(fold_in(rng, b)).
     With T > 0 steps, t is rounded up onto the grid {1/T, ..., 1}, so s = t - 1/T >= 0.
     """
+    rows = batch_rows(rows, batch_size)
     if antithetic:
-        u = jax.random.uniform(rng)
-        t = jnp.mod(u + jnp.arange(batch_size) / batch_size, 1.0)
+        t = jnp.mod(jax.random.uniform(rng) + rows / batch_size, 1.0)
     else:
-        t = jax.random.uniform(rng, (batch_size,))
+        t = jax.vmap(lambda row: jax.random.uniform(jax.random.fold_in(rng, row)))(rows)
     if T > 0:
         t = (jnp.floor(t * T) + 1.0) / T
     return t
@@ -120,5 +149,5 @@ def diffusion_loss(rng: jax.Array, x: jax.Array, denoise_fn, gamma_fn, *, T: int
         gamma_t, weight = gamma_fn(t), jnp.full_like(t, 2.0)
     else:
         gamma_t, weight = diffusion_weight(gamma_fn, t, T=T)
-    eps = jax.random.normal(rng_eps, x.shape)
+    eps = per_example_normal(rng_eps, x.shape)
     return denoising_loss(x, eps, gamma_t, weight, denoise_fn, parameterization=parameterization)

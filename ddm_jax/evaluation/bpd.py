@@ -4,6 +4,7 @@ from collections.abc import Callable, Iterable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 TERMS = ("bpd", "reconstruction", "prior", "diffusion")
 
@@ -39,15 +40,17 @@ def evaluate_bpd(terms_fn: Callable, params, rng: jax.Array, batches: Iterable[d
     terms_fn(params, rng, batch) -> per-example terms [B] (nats; "bpd" in bits/dim), as
     VDM.elbo_terms returns them; each example's estimate averages `num_time_samples` draws of
     (t, eps). Batches carry what terms_fn reads and a boolean "mask" of real (not padding) examples.
+    With several processes, each passes its rows (terms global arrays, masks its own rows in
+    process order) and every process gets the statistics of all examples.
     Returns {"bpd", "bpd_stderr", "reconstruction_bpd", "prior_bpd", "diffusion_bpd", "num_examples"}.
     """
     moments = {name: MaskedMoments() for name in TERMS}
     for index, batch in enumerate(batches):
-        mask = np.asarray(batch["mask"], bool)
+        mask = np.asarray(multihost_utils.process_allgather(batch["mask"], tiled=True), bool)
         per_example = {name: 0.0 for name in TERMS}
         for sample in range(num_time_samples):
             terms = terms_fn(params, jax.random.fold_in(rng, index * num_time_samples + sample), batch)
-            terms = jax.device_get({name: terms[name] for name in TERMS})
+            terms = multihost_utils.process_allgather({name: terms[name] for name in TERMS}, tiled=True)
             for name in TERMS:
                 per_example[name] = per_example[name] + terms[name] / num_time_samples
         for name in TERMS:

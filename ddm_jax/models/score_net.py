@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from ddm_jax.models.layers import (
     AttentionBlock,
+    Dtype,
     GammaEmbedding,
     OutputHead,
     ResBlock,
@@ -14,6 +15,7 @@ from ddm_jax.models.layers import (
     check_feature_input,
     check_field,
     check_shared_fields,
+    compute_dtype,
     is_int_at_least,
 )
 
@@ -46,6 +48,12 @@ class ScoreNet(nn.Module):
       num_heads: attention heads (VDM: 1).
       gamma_min, gamma_max: the gamma range mapped to t in [0, 1] for the embedding.
       cond_dim: width of the optional `cond` vector; when set, `cond` is required.
+      dtype: the computation dtype, jnp.float32 or jnp.bfloat16 (config: "float32" or
+        "bfloat16"). Parameters are float32 either way, so the same parameters serve
+        both. With bfloat16 the convolutions, dense layers and attention products run in
+        bfloat16, while the gamma embedding, the Fourier features of z, GroupNorm
+        statistics and the attention softmax stay float32 (see layers.py); z is cast to
+        `dtype` after its Fourier features, and the output is float32.
     """
 
     embedding_dim: int = 128
@@ -61,6 +69,7 @@ class ScoreNet(nn.Module):
     gamma_min: float = -13.3
     gamma_max: float = 5.0
     cond_dim: Optional[int] = None
+    dtype: Dtype = jnp.float32
 
     def __post_init__(self):
         self.check_fields()
@@ -90,6 +99,7 @@ class ScoreNet(nn.Module):
             "an integer >= 0",
         )
         check_shared_fields(p, self.dropout, self.gamma_min, self.gamma_max, self.cond_dim, self.num_heads)
+        compute_dtype(f"{p}.dtype", self.dtype)
         if self.with_attention:
             check_field(
                 self.embedding_dim % self.num_heads == 0,
@@ -116,37 +126,46 @@ class ScoreNet(nn.Module):
     def __call__(
         self, z: jax.Array, gamma: jax.Array, *, cond: Optional[jax.Array] = None, train: bool = False
     ) -> jax.Array:
-        """eps_hat for z [B, H, W, C], gamma [B] (or scalar), cond [B, cond_dim] -> [B, H, W, C]."""
+        """eps_hat for z [B, H, W, C], gamma [B] (or scalar), cond [B, cond_dim] -> float32
+        [B, H, W, C]."""
         if z.ndim != 4:
             raise ValueError(f"{CONFIG_PATH} expects z of shape [B, H, W, C]; got {tuple(z.shape)}")
         self.check_input_shape(z.shape[1:])
         check_feature_input(f"{CONFIG_PATH}.cond_dim", self.cond_dim, cond, "cond", 2, z.shape[0])
         gamma = jnp.broadcast_to(gamma, z.shape[:1])
         emb = GammaEmbedding(
-            self.embedding_dim, 4 * self.embedding_dim, self.gamma_min, self.gamma_max, name="embedding"
+            self.embedding_dim,
+            4 * self.embedding_dim,
+            self.gamma_min,
+            self.gamma_max,
+            dtype=self.dtype,
+            name="embedding",
         )(gamma, cond)
 
         def res_block(name):
-            return ResBlock(self.embedding_dim, self.dropout, name=name)
+            return ResBlock(self.embedding_dim, self.dropout, dtype=self.dtype, name=name)
+
+        def attention_block(name):
+            return AttentionBlock(self.num_heads, dtype=self.dtype, name=name)
 
         h = z
-        if self.with_fourier_features:
+        if self.with_fourier_features:  # float32: the 2^8 pi z phases need it
             h = base2_fourier_features(z, self.fourier_first, self.fourier_last, self.fourier_step)
-        h = nn.Conv(self.embedding_dim, (3, 3), name="conv_in")(h)
+        h = nn.Conv(self.embedding_dim, (3, 3), dtype=self.dtype, name="conv_in")(h.astype(self.dtype))
         skips = [h]
         for i in range(self.n_layers):
             h = res_block(f"down_block_{i}")(h, emb, train=train)
             if self.has_attention_after(i):
-                h = AttentionBlock(self.num_heads, name=f"down_attention_{i}")(h)
+                h = attention_block(f"down_attention_{i}")(h)
             skips.append(h)
 
         h = res_block("mid_block_0")(h, emb, train=train)
         if self.with_attention:
-            h = AttentionBlock(self.num_heads, name="mid_attention")(h)
+            h = attention_block("mid_attention")(h)
         h = res_block("mid_block_1")(h, emb, train=train)
 
         for i in range(self.n_layers + 1):
             h = res_block(f"up_block_{i}")(jnp.concatenate([h, skips.pop()], axis=-1), emb, train=train)
             if self.has_attention_after(i):
-                h = AttentionBlock(self.num_heads, name=f"up_attention_{i}")(h)
-        return OutputHead(name="head")(h, z.shape[-1])
+                h = attention_block(f"up_attention_{i}")(h)
+        return OutputHead(dtype=self.dtype, name="head")(h, z.shape[-1])

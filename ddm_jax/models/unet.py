@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from ddm_jax.models.layers import (
     AttentionBlock,
+    Dtype,
     GammaEmbedding,
     OutputHead,
     ResBlock,
@@ -21,6 +22,7 @@ from ddm_jax.models.layers import (
     check_field,
     check_optional_dim,
     check_shared_fields,
+    compute_dtype,
     is_int_at_least,
 )
 
@@ -57,7 +59,7 @@ class UNetEncoder(nn.Module):
 
     Returns (h, skips, emb): the middle output, the skip activations (conv_in output,
     every block output, every downsampling output, in that order) and the conditioning
-    embedding [B, 4 ch]. Attributes are the UNet's.
+    embedding [B, 4 ch], all in the computation dtype `dtype`. Attributes are the UNet's.
     """
 
     ch: int
@@ -68,6 +70,7 @@ class UNetEncoder(nn.Module):
     num_heads: int
     gamma_min: float
     gamma_max: float
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(
@@ -80,31 +83,45 @@ class UNetEncoder(nn.Module):
         hint: Optional[jax.Array] = None,
         train: bool = False,
     ):
-        emb = GammaEmbedding(self.ch, 4 * self.ch, self.gamma_min, self.gamma_max, name="embedding")(gamma, cond)
-        h = nn.Conv(self.ch, (3, 3), name="conv_in")(z)
+        emb = GammaEmbedding(
+            self.ch, 4 * self.ch, self.gamma_min, self.gamma_max, dtype=self.dtype, name="embedding"
+        )(gamma, cond)
+        h = nn.Conv(self.ch, (3, 3), dtype=self.dtype, name="conv_in")(z.astype(self.dtype))
         if hint is not None:
-            h = h + hint
+            h = h + hint.astype(self.dtype)
         skips = [h]
         for level, mult in enumerate(self.ch_mult):
             for i in range(self.num_res_blocks):
-                h = ResBlock(self.ch * mult, self.dropout, name=f"down_{level}_block_{i}")(h, emb, train=train)
+                h = self.res_block(self.ch * mult, f"down_{level}_block_{i}")(h, emb, train=train)
                 if h.shape[1] in self.attn_resolutions:
-                    h = AttentionBlock(self.num_heads, name=f"down_{level}_attention_{i}")(h, context)
+                    h = self.attention_block(f"down_{level}_attention_{i}")(h, context)
                 skips.append(h)
             if level < len(self.ch_mult) - 1:
-                h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), name=f"down_{level}_downsample")(h)
+                downsample = nn.Conv(
+                    h.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype, name=f"down_{level}_downsample"
+                )
+                h = downsample(h)
                 skips.append(h)
-        h = ResBlock(h.shape[-1], self.dropout, name="mid_block_0")(h, emb, train=train)
-        h = AttentionBlock(self.num_heads, name="mid_attention")(h, context)
-        h = ResBlock(h.shape[-1], self.dropout, name="mid_block_1")(h, emb, train=train)
+        h = self.res_block(h.shape[-1], "mid_block_0")(h, emb, train=train)
+        h = self.attention_block("mid_attention")(h, context)
+        h = self.res_block(h.shape[-1], "mid_block_1")(h, emb, train=train)
         return h, skips, emb
+
+    @nn.nowrap
+    def res_block(self, features: int, name: str) -> ResBlock:
+        return ResBlock(features, self.dropout, dtype=self.dtype, name=name)
+
+    @nn.nowrap
+    def attention_block(self, name: str) -> AttentionBlock:
+        return AttentionBlock(self.num_heads, dtype=self.dtype, name=name)
 
 
 class UNetDecoder(nn.Module):
     """Per level, from the lowest resolution: (num_res_blocks + 1) x (ResNet block on
     concat(h, skips.pop()), attention when the height is in attn_resolutions), then
     nearest-neighbour upsampling + conv3x3 except at the top -> output head
-    (GroupNorm, swish, zero-initialised conv3x3 to out_channels). Attributes are the UNet's.
+    (GroupNorm, swish, zero-initialised conv3x3 to out_channels). Computed in `dtype`; the
+    output is float32. Attributes are the UNet's.
     """
 
     ch: int
@@ -113,6 +130,7 @@ class UNetDecoder(nn.Module):
     attn_resolutions: tuple[int, ...]
     dropout: float
     num_heads: int
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(
@@ -128,13 +146,16 @@ class UNetDecoder(nn.Module):
         skips = list(skips)
         for level in reversed(range(len(self.ch_mult))):
             for i in range(self.num_res_blocks + 1):
-                block = ResBlock(self.ch * self.ch_mult[level], self.dropout, name=f"up_{level}_block_{i}")
+                block = ResBlock(
+                    self.ch * self.ch_mult[level], self.dropout, dtype=self.dtype, name=f"up_{level}_block_{i}"
+                )
                 h = block(jnp.concatenate([h, skips.pop()], axis=-1), emb, train=train)
                 if h.shape[1] in self.attn_resolutions:
-                    h = AttentionBlock(self.num_heads, name=f"up_{level}_attention_{i}")(h, context)
+                    h = AttentionBlock(self.num_heads, dtype=self.dtype, name=f"up_{level}_attention_{i}")(h, context)
             if level > 0:
-                h = nn.Conv(h.shape[-1], (3, 3), name=f"up_{level}_upsample")(upsample_nearest(h))
-        return OutputHead(name="head")(h, out_channels)
+                upsample = nn.Conv(h.shape[-1], (3, 3), dtype=self.dtype, name=f"up_{level}_upsample")
+                h = upsample(upsample_nearest(h))
+        return OutputHead(dtype=self.dtype, name="head")(h, out_channels)
 
 
 class UNet(nn.Module):
@@ -153,6 +174,12 @@ class UNet(nn.Module):
         attention block also cross-attends to it and `context` is required.
       gamma_min, gamma_max: the gamma range mapped to t in [0, 1] for the embedding.
       cond_dim: width of the optional `cond` vector; when set, `cond` is required.
+      dtype: the computation dtype, jnp.float32 or jnp.bfloat16 (config: "float32" or
+        "bfloat16"). Parameters are float32 either way, so the same parameters serve
+        both. With bfloat16 the convolutions, dense layers and attention products run in
+        bfloat16, while the gamma embedding, GroupNorm statistics and the attention
+        softmax stay float32 (see layers.py); `encode` returns activations in `dtype`,
+        and the output is float32.
     """
 
     ch: int = 128
@@ -165,6 +192,7 @@ class UNet(nn.Module):
     gamma_min: float = -13.3
     gamma_max: float = 5.0
     cond_dim: Optional[int] = None
+    dtype: Dtype = jnp.float32
 
     def __post_init__(self):
         self.check_fields()
@@ -195,6 +223,7 @@ class UNet(nn.Module):
         )
         check_optional_dim(f"{p}.context_dim", self.context_dim)
         check_shared_fields(p, self.dropout, self.gamma_min, self.gamma_max, self.cond_dim, self.num_heads)
+        compute_dtype(f"{p}.dtype", self.dtype)
 
     @nn.nowrap
     def check_input_shape(self, shape) -> None:
@@ -260,6 +289,7 @@ class UNet(nn.Module):
             num_heads=self.num_heads,
             gamma_min=self.gamma_min,
             gamma_max=self.gamma_max,
+            dtype=self.dtype,
             name=name,
         )
 
@@ -272,6 +302,7 @@ class UNet(nn.Module):
             attn_resolutions=self.attn_resolutions,
             dropout=self.dropout,
             num_heads=self.num_heads,
+            dtype=self.dtype,
         )
 
     def encode(
@@ -314,7 +345,7 @@ class UNet(nn.Module):
         control: Optional[Sequence[jax.Array]] = None,
         train: bool = False,
     ) -> jax.Array:
-        """eps_hat [B, H, W, out_channels] from `encode`'s (h, skips, emb), with the
+        """eps_hat, float32 [B, H, W, out_channels], from `encode`'s (h, skips, emb), with the
         ControlNet residuals `control` (see add_control) added first when given."""
         check_feature_input(f"{CONFIG_PATH}.context_dim", self.context_dim, context, "context", 3, h.shape[0])
         if control is not None:
@@ -332,6 +363,6 @@ class UNet(nn.Module):
         train: bool = False,
     ) -> jax.Array:
         """eps_hat for z [B, H, W, C], gamma [B], cond [B, cond_dim], context
-        [B, L, context_dim], control (UNet.control_shapes) -> [B, H, W, C]."""
+        [B, L, context_dim], control (UNet.control_shapes) -> float32 [B, H, W, C]."""
         h, skips, emb = self.encode(z, gamma, cond=cond, context=context, train=train)
         return self.decode(h, skips, emb, out_channels=z.shape[-1], context=context, control=control, train=train)

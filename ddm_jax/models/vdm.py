@@ -7,6 +7,10 @@ Parameters are the plain pytree {"schedule": ..., "network": ...}. The per-examp
 Training minimises bits/dim (loss="elbo") or DDPM's L_simple per dimension (loss="simple");
 the ELBO terms are reported either way. A learned schedule's endpoints follow the ELBO and its
 shape parameters follow the gradient of E[L_diffusion^2] (`value_and_grad`).
+
+Under pmap, pass the data-parallel `axis_name`: each device's batch is then its shard of the
+global batch, with the global batch's t and noise for its rows (diffusion.shard_rows), so the
+terms equal those of the whole batch under jit. Dropout masks are drawn per device.
 """
 import dataclasses
 import math
@@ -17,8 +21,8 @@ from flax import linen as nn
 
 from ddm_jax.diffusion import (SHAPE_PARAMS, WEIGHTINGS, bits_per_dim,
                                build_schedule, check_parameterization, denoising_loss,
-                               diffusion_weight, encode, prior_loss, reconstruction_logits,
-                               reconstruction_loss, sample_times)
+                               diffusion_weight, encode, per_example_normal, prior_loss,
+                               reconstruction_logits, reconstruction_loss, sample_times, shard_rows)
 from ddm_jax.diffusion.samplers import sample as run_sampler
 from ddm_jax.models import NETWORKS, as_denoise_fn, build_network
 
@@ -72,17 +76,22 @@ class VDM:
         gamma_t, weight = diffusion_weight(gamma_fn, t, T=self.T)
         return {"gamma_0": gamma_ends[0], "gamma_1": gamma_ends[1], "gamma_t": gamma_t, "weight": weight}
 
-    def terms_given_schedule(self, network_params, schedule, rng, k, *, cond=None, train=False):
+    def terms_given_schedule(self, network_params, schedule, rng, k, *, cond=None, train=False,
+                             axis_name=None):
         """Per-example terms [B]: reconstruction, prior, diffusion (nats), bpd, simple (L_simple / D), loss."""
         rng_recon, rng_eps, rng_dropout = jax.random.split(rng, 3)
+        rows, _ = shard_rows(k.shape[0], axis_name)
+        if axis_name is not None:
+            rng_dropout = jax.random.fold_in(rng_dropout, jax.lax.axis_index(axis_name))
         x = encode(k, self.vocab_size)
         num_dims = math.prod(k.shape[1:])
         denoise_fn = self.denoise_fn(network_params, cond=cond, train=train, rng=rng_dropout)
-        eps = jax.random.normal(rng_eps, x.shape)
+        eps = per_example_normal(rng_eps, x.shape, rows)
         eps_mse = denoising_loss(x, eps, schedule["gamma_t"], 2.0, denoise_fn,
                                  parameterization=self.parameterization)
         terms = {
-            "reconstruction": reconstruction_loss(rng_recon, k, schedule["gamma_0"], vocab_size=self.vocab_size),
+            "reconstruction": reconstruction_loss(rng_recon, k, schedule["gamma_0"], vocab_size=self.vocab_size,
+                                                  rows=rows),
             "prior": prior_loss(x, schedule["gamma_1"]),
             "diffusion": 0.5 * schedule["weight"] * eps_mse,
             "simple": eps_mse / num_dims,
@@ -92,26 +101,33 @@ class VDM:
         terms["loss"] = terms["bpd"] if self.loss == "elbo" else terms["simple"]
         return terms
 
-    def elbo_terms(self, params, rng, k, *, cond=None, train=False):
+    def times(self, rng, batch_size: int, axis_name=None):
+        """t [b] of this shard's examples (the whole batch without `axis_name`)."""
+        rows, global_batch_size = shard_rows(batch_size, axis_name)
+        return sample_times(rng, global_batch_size, T=self.T, antithetic=self.antithetic, rows=rows)
+
+    def elbo_terms(self, params, rng, k, *, cond=None, train=False, axis_name=None):
         """Per-example ELBO terms of a batch of integer data k [B, H, W, C], one time sample each."""
         rng_t, rng = jax.random.split(rng)
-        t = sample_times(rng_t, k.shape[0], T=self.T, antithetic=self.antithetic)
-        schedule = self.schedule_values(params["schedule"], t)
-        return self.terms_given_schedule(params["network"], schedule, rng, k, cond=cond, train=train)
+        schedule = self.schedule_values(params["schedule"], self.times(rng_t, k.shape[0], axis_name))
+        return self.terms_given_schedule(params["network"], schedule, rng, k, cond=cond, train=train,
+                                         axis_name=axis_name)
 
-    def value_and_grad(self, params, rng, k, *, cond=None):
+    def value_and_grad(self, params, rng, k, *, cond=None, axis_name=None):
         """((mean loss, per-example terms), gradients), in training mode (dropout on).
 
         One backward pass gives each example's cotangent at (gamma_t, w_t); the schedule's vjp maps it
         to the endpoint gradients, and, scaled by 2 L_diffusion (bits/dim), to the gradient of
         E[L_diffusion^2] for the shape parameters: the VDM's variance-minimising schedule update.
+        Under pmap (`axis_name`) the loss and gradients are this shard's; the caller pmeans them.
         """
         rng_t, rng = jax.random.split(rng)
-        t = sample_times(rng_t, k.shape[0], T=self.T, antithetic=self.antithetic)
+        t = self.times(rng_t, k.shape[0], axis_name)
         schedule, schedule_vjp = jax.vjp(lambda p: self.schedule_values(p, t), params["schedule"])
 
         def mean_loss(network_params, schedule):
-            terms = self.terms_given_schedule(network_params, schedule, rng, k, cond=cond, train=True)
+            terms = self.terms_given_schedule(network_params, schedule, rng, k, cond=cond, train=True,
+                                              axis_name=axis_name)
             return terms["loss"].mean(), terms
 
         (loss, terms), (network_grads, schedule_cotangent) = jax.value_and_grad(

@@ -113,7 +113,9 @@ class CheckpointStore:
     """Saves and restores TrainStates of one architecture in one directory.
 
     Usage: `with CheckpointStore(workdir / "checkpoints", fingerprint=fp) as store: ...`
-    All processes of a multi-host job open, save and restore together.
+    All processes of a multi-host job open, save and restore together. A `read_only` store
+    (evaluation, sampling) creates, saves and deletes nothing, so it can read the checkpoints of
+    a run that is still training.
     """
 
     def __init__(
@@ -123,6 +125,7 @@ class CheckpointStore:
         fingerprint: Mapping,
         max_to_keep: int | None = 3,
         save_interval_steps: int = 1,
+        read_only: bool = False,
     ):
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError(f"max_to_keep = {max_to_keep}: expected >= 1, or None to keep all")
@@ -133,8 +136,10 @@ class CheckpointStore:
         self._manager = ocp.CheckpointManager(
             os.fspath(directory),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, save_interval_steps=save_interval_steps),
+                max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, read_only=read_only,
+                create=not read_only),
         )
+        self.read_only = read_only
 
     @property
     def directory(self) -> str:
@@ -151,6 +156,8 @@ class CheckpointStore:
 
         A step that is already saved is never overwritten.
         """
+        if self.read_only:
+            raise ValueError(f"checkpoint directory {self.directory} was opened read-only; nothing was saved")
         if step in self._manager.all_steps():
             return False
         return self._manager.save(

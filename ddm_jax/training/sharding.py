@@ -71,3 +71,22 @@ def shard_batch(local_batch: PyTree, mesh: Mesh, leading_axes: int = 0) -> PyTre
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     """Places every leaf of `tree` on all devices of the mesh (same values on every process)."""
     return jax.device_put(tree, replicated(mesh))
+
+
+def split_for_pmap(local_batch: PyTree, num_devices: int, leading_axes: int = 0) -> PyTree:
+    """Batches [..., b, ...] (batch axis after `leading_axes`) -> [num_devices, ..., b / num_devices, ...]:
+    device i gets rows [i b/n, (i + 1) b/n), the rows a mesh's device i holds."""
+    def split(x):
+        x = np.asarray(x)
+        b = x.shape[leading_axes]
+        if b % num_devices:
+            raise ValueError(f"split_for_pmap: batch of {b} is not divisible by {num_devices} devices")
+        x = x.reshape(*x.shape[:leading_axes], num_devices, b // num_devices, *x.shape[leading_axes + 1:])
+        return np.moveaxis(x, leading_axes, 0)
+
+    return jax.tree.map(split, local_batch)
+
+
+def stack_for_pmap(tree: PyTree, num_devices: int) -> PyTree:
+    """Every leaf repeated along a new leading device axis, as jax.pmap takes replicated state."""
+    return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (num_devices, *np.shape(x))), tree)

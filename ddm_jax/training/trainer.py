@@ -27,6 +27,7 @@ from ddm_jax.diffusion import SAMPLERS
 from ddm_jax.diffusion.samplers import check_eta
 from ddm_jax.evaluation.bpd import evaluate_bpd
 from ddm_jax.evaluation.images import image_grid, save_png, to_uint8
+from ddm_jax.models import NETWORKS
 from ddm_jax.models.vdm import VDM, build_vdm
 from ddm_jax.training.checkpoints import CheckpointStore, make_fingerprint
 from ddm_jax.training.optimizer import make_optimizer, validate_optimizer_config
@@ -68,28 +69,37 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[DatasetSpec, VDM]:
     return spec, build_vdm(config.model, spec.image_shape, spec.vocab_size, cond_dim=cond_dim)
 
 
-def train_step(model: VDM, optimizer, ema_decay, state: TrainState, batch, rng):
+def train_step(model: VDM, optimizer, ema_decay, state: TrainState, batch, rng, axis_name=None):
     """One AdamW step on the loss of batch {"image", optional "cond"}; metrics are batch means (and
-    the diffusion term's variance)."""
+    the diffusion term's variance over the batch).
+
+    Under jax.pmap, `axis_name` is the data axis: each device holds its shard of the global batch,
+    gradients and metrics are pmean'd over the axis, and the step equals the jit step on the
+    global batch (the same per-example draws of t and noise; VDM docstring).
+    """
     rng = jax.random.fold_in(rng, state.step)
     images = batch["image"]
-    (loss, terms), grads = model.value_and_grad(state.params, rng, images, cond=batch.get("cond"))
+    (_, terms), grads = model.value_and_grad(state.params, rng, images, cond=batch.get("cond"),
+                                             axis_name=axis_name)
+    if axis_name is not None:
+        grads = jax.lax.pmean(grads, axis_name)
     state = apply_updates(state, grads, optimizer, ema_decay)
-    num_dims = math.prod(images.shape[1:])
-    to_bpd = 1.0 / (num_dims * jnp.log(2.0))
+    mean = jnp.mean if axis_name is None else (lambda x: jax.lax.pmean(jnp.mean(x), axis_name))
+    to_bpd = 1.0 / (math.prod(images.shape[1:]) * jnp.log(2.0))
+    diffusion_bpd = terms["diffusion"] * to_bpd
     metrics = {
-        "loss": loss,
-        "bpd": terms["bpd"].mean(),
-        "reconstruction_bpd": terms["reconstruction"].mean() * to_bpd,
-        "prior_bpd": terms["prior"].mean() * to_bpd,
-        "diffusion_bpd": terms["diffusion"].mean() * to_bpd,
-        "diffusion_bpd_variance": jnp.var(terms["diffusion"] * to_bpd),
+        "loss": mean(terms["loss"]),
+        "bpd": mean(terms["bpd"]),
+        "reconstruction_bpd": mean(terms["reconstruction"]) * to_bpd,
+        "prior_bpd": mean(terms["prior"]) * to_bpd,
+        "diffusion_bpd": mean(diffusion_bpd),
+        "diffusion_bpd_variance": mean(jnp.square(diffusion_bpd)) - jnp.square(mean(diffusion_bpd)),
         "grad_norm": optax.tree.norm(grads),
     }
     return state, metrics
 
 
-def train_steps(model: VDM, optimizer, ema_decay, state: TrainState, batches, rng):
+def train_steps(model: VDM, optimizer, ema_decay, state: TrainState, batches, rng, axis_name=None):
     """Several train steps in one call, on batches with leaves [substeps, B, ...]; metrics [substeps].
 
     The steps are traced one after the other rather than as a lax.scan: XLA:CPU (jaxlib 0.10.1)
@@ -99,9 +109,22 @@ def train_steps(model: VDM, optimizer, ema_decay, state: TrainState, batches, rn
     metrics = []
     for i in range(jax.tree.leaves(batches)[0].shape[0]):
         state, step_metrics = train_step(model, optimizer, ema_decay, state,
-                                         jax.tree.map(lambda x: x[i], batches), rng)
+                                         jax.tree.map(lambda x: x[i], batches), rng, axis_name)
         metrics.append(step_metrics)
     return state, jax.tree.map(lambda *m: jnp.stack(m), *metrics)
+
+
+PMAP_AXIS = "batch"
+
+
+def pmap_train_steps(model: VDM, optimizer, ema_decay):
+    """`train_steps` under jax.pmap over the local devices, pmean over PMAP_AXIS.
+
+    Takes the state with a leading device axis (`sharding.stack_for_pmap`), batches
+    [devices, substeps, b, ...] (`sharding.split_for_pmap`) and one rng; the state is donated.
+    """
+    return jax.pmap(functools.partial(train_steps, model, optimizer, ema_decay, axis_name=PMAP_AXIS),
+                    axis_name=PMAP_AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
 
 
 class Experiment:
@@ -120,30 +143,32 @@ class Experiment:
             out_shardings=(state_sharding, state_sharding), donate_argnums=(0,))
         self.elbo_terms = jax.jit(self.model.elbo_terms)
         self.sample = jax.jit(self.model.sample, static_argnums=(2, 3),
-                              static_argnames=("steps", "sampler", "eta", "grid"))
+                              static_argnames=("steps", "sampler", "eta", "grid"), out_shardings=state_sharding)
 
     def initial_state(self) -> TrainState:
         params = self.model.init(jax.random.fold_in(self.rng, 0), self.spec.image_shape)
         return replicate(create_train_state(params, self.optimizer), self.mesh)
 
-    def checkpoints(self) -> CheckpointStore:
-        """The workdir's checkpoint store; refuses one holding another architecture (before any write)."""
+    def checkpoints(self, read_only: bool = False) -> CheckpointStore:
+        """The workdir's checkpoint store; refuses one holding another architecture (before any write).
+        read_only: for evaluation and sampling, also of a run that is training."""
         params = jax.eval_shape(lambda rng: self.model.init(rng, self.spec.image_shape), jax.random.PRNGKey(0))
-        fingerprint = make_fingerprint(self.config.model, params)
+        fingerprint = make_fingerprint(architecture(self.config.model), params)
         fingerprint["data"] = {"dataset": self.spec.name, "image_shape": list(self.spec.image_shape),
                                "vocab_size": self.spec.vocab_size}
         return CheckpointStore(
             os.path.join(self.workdir, "checkpoints"), fingerprint=fingerprint,
             max_to_keep=self.config.training.keep_checkpoints,
-            save_interval_steps=self.config.training.checkpoint_every)
+            save_interval_steps=self.config.training.checkpoint_every, read_only=read_only)
 
     def restore_latest(self, purpose: str) -> tuple[int, TrainState]:
         """(step, state) of the workdir's latest checkpoint; refuses a workdir without one."""
-        with self.checkpoints() as store:
-            step = store.latest_step()
-            if step is None:
-                raise ValueError(f"--workdir={self.workdir} holds no checkpoint to {purpose}; train first")
-            return step, store.restore(step, self.initial_state())
+        if os.path.isdir(os.path.join(self.workdir, "checkpoints")):
+            with self.checkpoints(read_only=True) as store:
+                step = store.latest_step()
+                if step is not None:
+                    return step, store.restore(step, self.initial_state())
+        raise ValueError(f"--workdir={self.workdir} holds no checkpoint to {purpose}; train first")
 
     def cond(self, batch_size: int):
         """The conditioning of un-augmented data: the identity's one-hot, or None without augmentation."""
@@ -152,7 +177,8 @@ class Experiment:
     def evaluate(self, params) -> dict[str, float]:
         data = self.config.data
         batches = eval_batches(self.spec, split=data.eval_split, batch_size=self.config.eval.batch_size,
-                               data_dir=data.data_dir)
+                               data_dir=data.data_dir, process_index=jax.process_index(),
+                               process_count=jax.process_count())
         sharded = ({**shard_batch({"image": b["image"], "cond": self.cond(len(b["image"]))}, self.mesh),
                     "mask": b["mask"]} for b in batches)
         terms_fn = lambda params, rng, batch: self.elbo_terms(params, rng, batch["image"], cond=batch["cond"])
@@ -170,6 +196,15 @@ class Experiment:
             save_png(path, grid)
         writer.write_images(step, {"samples": grid[None]})
         return path
+
+
+def architecture(model_config: ml_collections.ConfigDict) -> dict:
+    """config.model as a checkpoint's fingerprint holds it: without the networks' compute dtype,
+    which leaves the (float32) parameters as they are, so a run may switch it and resume."""
+    config = model_config.to_dict()
+    for network in NETWORKS:
+        config.get(network, {}).pop("dtype", None)
+    return config
 
 
 def first_non_finite_step(history: list[tuple[int, dict]]) -> int | None:
@@ -199,6 +234,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         batches = train_batches(experiment.spec, batch_size=training.batch_size, seed=training.seed,
                                 data_dir=config.data.data_dir, start_step=start, augment=config.data.augment,
                                 process_index=jax.process_index(), process_count=jax.process_count())
+        logging.info("Process %d of %d; mesh of %d devices, %d of them local", jax.process_index(),
+                     jax.process_count(), experiment.mesh.size, jax.local_device_count())
         report = periodic_actions.ReportProgress(num_train_steps=training.num_steps, writer=writer)
         train_rng = jax.random.fold_in(experiment.rng, 3)
         started = time.time()
