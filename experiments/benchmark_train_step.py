@@ -2,7 +2,8 @@
 
 Prints images/s, the step's FLOPs from XLA's cost analysis, the achieved FLOP/s, and that as a
 fraction of a large float32 matmul's FLOP/s measured in the same run. No dataset is read:
-batches are random integers of the config's image shape and vocabulary.
+batches are random integers of the config's image shape and vocabulary. Compute in bfloat16
+with --config.model.score_net.dtype=bfloat16 (float32 parameters either way).
 
   python -m experiments.benchmark_train_step --config=configs/vdm_digits.py
   python -m experiments.benchmark_train_step --config=configs/vdm_cifar10.py --batch_size=8 \
@@ -19,22 +20,22 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ddm_jax.data import dataset_spec
 from ddm_jax.models.vdm import build_vdm
 from ddm_jax.training.optimizer import make_optimizer
 from ddm_jax.training.sharding import make_mesh, replicate, replicated, shard_batch
 from ddm_jax.training.train_state import create_train_state
-from ddm_jax.training.trainer import train_steps
+from ddm_jax.training.steps import train_steps
 
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 flags.DEFINE_integer("batch_size", None, "Batch size (default: the config's).")
 flags.DEFINE_list("image_shape", None, "H,W,C (default: the config's dataset).")
 flags.DEFINE_integer("vocab_size", None, "Number of data values (default: the config's dataset).")
 flags.DEFINE_integer("steps", 20, "Timed steps (a multiple of --substeps).")
-flags.DEFINE_integer("substeps", 1, "Train steps per call (lax.scan).")
+flags.DEFINE_integer("substeps", 1, "Train steps per call (traced in sequence, one compiled call).")
 flags.DEFINE_integer("num_devices", None, "Devices of the data mesh (default: all; fake CPU devices with "
                      "XLA_FLAGS=--xla_force_host_platform_device_count=N).")
-flags.DEFINE_integer("matmul_size", 2048, "n of the n x n float32 matmul that sets the reference FLOP/s.")
+flags.DEFINE_integer("matmul_size", 2048, "n of the n x n matmul (in the compute dtype) that sets the "
+                     "reference FLOP/s.")
 flags.DEFINE_string("out", None, "Write the figures to this JSON file.")
 FLAGS = flags.FLAGS
 
@@ -54,9 +55,9 @@ def seconds_per_call(fn, args, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def matmul_flops_per_second(n: int, trials: int = 5) -> float:
-    """The best of `trials` timings of an n x n float32 matmul: the machine's attainable FLOP/s."""
-    a, b = (jax.random.normal(jax.random.PRNGKey(i), (n, n)) for i in range(2))
+def matmul_flops_per_second(n: int, dtype: str = "float32", trials: int = 5) -> float:
+    """The best of `trials` timings of an n x n matmul in `dtype`: the machine's attainable FLOP/s."""
+    a, b = (jax.random.normal(jax.random.PRNGKey(i), (n, n), dtype) for i in range(2))
     matmul = jax.jit(jnp.matmul)
     return 2.0 * n**3 / min(seconds_per_call(matmul, (a, b), repeats=5) for _ in range(trials))
 
@@ -96,19 +97,22 @@ def main(argv):
     del argv
     config = FLAGS.config
     if FLAGS.image_shape is None or FLAGS.vocab_size is None:
+        # Only here is TFDS needed: with both flags given the benchmark runs where it is not installed.
+        from ddm_jax.data import dataset_spec
         spec = dataset_spec(config.data.dataset, config.data.data_dir)
     image_shape = tuple(int(s) for s in FLAGS.image_shape) if FLAGS.image_shape else spec.image_shape
     vocab_size = FLAGS.vocab_size or spec.vocab_size
     batch_size = FLAGS.batch_size or config.training.batch_size
     result = benchmark_train_step(config, batch_size, image_shape, vocab_size, FLAGS.steps,
                                   FLAGS.substeps, FLAGS.num_devices)
-    result["matmul_flops_per_second"] = matmul_flops_per_second(FLAGS.matmul_size)
+    result["compute_dtype"] = config.model[config.model.network].dtype
+    result["matmul_flops_per_second"] = matmul_flops_per_second(FLAGS.matmul_size, result["compute_dtype"])
     result["fraction_of_matmul"] = result["flops_per_second"] / result["matmul_flops_per_second"]
     result["device"] = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
     result["jax"] = jax.__version__
     print(f"{result['images_per_second']:.1f} images/s, {result['step_seconds'] * 1e3:.1f} ms/step, "
           f"{result['step_flops'] / 1e9:.2f} GFLOP/step, {result['flops_per_second'] / 1e9:.1f} GFLOP/s = "
-          f"{100 * result['fraction_of_matmul']:.0f}% of the {FLAGS.matmul_size}^2 matmul's "
+          f"{100 * result['fraction_of_matmul']:.0f}% of the {FLAGS.matmul_size}^2 {result['compute_dtype']} matmul's "
           f"{result['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s on {result['device']}; "
           f"{result['substeps']} substeps, mesh of {result['num_devices']}, "
           f"XLA temp {result['temp_bytes'] / 2**20:.1f} MiB + arguments {result['argument_bytes'] / 2**20:.1f} MiB")

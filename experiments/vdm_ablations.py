@@ -2,10 +2,13 @@
 ELBO vs L_simple, each trained on digits with the same budget.
 
 Every run is configs/vdm_digits.py with the overrides in ABLATIONS and --num_steps steps. Each
-run's result is kept in WORKDIR/NAME/result.json, so the command resumes where it stopped
-(a killed run resumes from its checkpoint). Writes experiments/results/vdm_ablations.{md,json,png}.
+run's result is kept in WORKDIR/NAME/result_STEPS.json, so the command resumes where it stopped
+(a killed run resumes from its checkpoint), and a larger --num_steps continues every run from
+its last checkpoint (exact resume: the same as training that long from the start). Writes
+experiments/results/vdm_ablations.{md,json,png} with every budget found in WORKDIR.
 
-  python -m experiments.vdm_ablations --workdir=workdirs/vdm_ablations
+  python -m experiments.vdm_ablations --workdir=workdirs/vdm_ablations --num_steps=3000
+  python -m experiments.vdm_ablations --workdir=workdirs/vdm_ablations --num_steps=6000
 
 Besides test bits/dim, each run reports the variance of the diffusion-loss estimate of a batch:
 for fixed batches of test images, the variance over draws of (t, eps) of the batch's mean
@@ -78,9 +81,28 @@ def diffusion_estimate_variance(config, workdir: str, num_batches: int, num_draw
             "diffusion_estimate_variance_stderr": float(np.std(variances, ddof=1) / np.sqrt(num_batches))}
 
 
+def result_path(name: str, num_steps: int) -> str:
+    return os.path.join(FLAGS.workdir, name, f"result_{num_steps}.json")
+
+
+def finished_budgets(name: str) -> list[int]:
+    directory = os.path.join(FLAGS.workdir, name)
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    return sorted(int(f[len("result_"):-len(".json")]) for f in names if f.startswith("result_") and f.endswith(".json"))
+
+
+def earlier_train_seconds(name: str) -> float:
+    """Training time of the largest smaller budget this run continues from (0 from scratch)."""
+    earlier = [steps for steps in finished_budgets(name) if steps < FLAGS.num_steps]
+    if not earlier:
+        return 0.0
+    with open(result_path(name, max(earlier))) as f:
+        return json.load(f)["train_seconds"]
+
+
 def run_ablation(name: str, overrides: dict) -> dict:
     workdir = os.path.join(FLAGS.workdir, name)
-    done = os.path.join(workdir, "result.json")
+    done = result_path(name, FLAGS.num_steps)
     if os.path.exists(done):
         with open(done) as f:
             return json.load(f)
@@ -92,7 +114,7 @@ def run_ablation(name: str, overrides: dict) -> dict:
         "name": name, "overrides": overrides, "steps": result["step"],
         "test_bpd": result["bpd"], "test_bpd_stderr": result["bpd_stderr"],
         **{f"{term}_bpd": result[f"{term}_bpd"] for term in ("reconstruction", "prior", "diffusion")},
-        "train_seconds": result["train_seconds"],
+        "train_seconds": result["train_seconds"] + earlier_train_seconds(name),
         **diffusion_estimate_variance(config, workdir, FLAGS.variance_batches, FLAGS.variance_draws),
     }
     with open(done, "w") as f:
@@ -105,48 +127,60 @@ def write_plot(path: str, records: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["name"] for r in records]
     fig, (ax_bpd, ax_var) = plt.subplots(1, 2, figsize=(12, 4))
-    ax_bpd.errorbar(names, [r["test_bpd"] for r in records], yerr=[r["test_bpd_stderr"] for r in records],
-                    fmt="o", capsize=3)
+    for steps in sorted({r["steps"] for r in records}):
+        rows = [r for r in records if r["steps"] == steps]
+        names = [r["name"] for r in rows]
+        ax_bpd.errorbar(names, [r["test_bpd"] for r in rows], yerr=[r["test_bpd_stderr"] for r in rows],
+                        fmt="o", capsize=3, label=f"{steps} steps")
+        ax_var.errorbar(names, [r["diffusion_estimate_variance"] for r in rows],
+                        yerr=[r["diffusion_estimate_variance_stderr"] for r in rows], fmt="o", capsize=3,
+                        label=f"{steps} steps")
     ax_bpd.set_ylabel("test bits/dim")
-    ax_var.errorbar(names, [r["diffusion_estimate_variance"] for r in records],
-                    yerr=[r["diffusion_estimate_variance_stderr"] for r in records], fmt="o", capsize=3)
+    ax_bpd.legend()
     ax_var.set_yscale("log")
     ax_var.set_ylabel(f"variance of a batch's diffusion loss (batch {VARIANCE_BATCH_SIZE}), (bits/dim)^2")
     for ax in (ax_bpd, ax_var):
         ax.tick_params(axis="x", rotation=60)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"VDM ablations on digits, {records[0]['steps']} steps each")
+    fig.suptitle("VDM ablations on digits, the same budget for every run")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def write_report(records: list[dict], command: str) -> None:
+def write_report(records: list[dict]) -> None:
+    """The table of every run at every budget in records (sorted by budget, then ABLATIONS order)."""
+    commands = [f"python -m experiments.vdm_ablations --workdir={FLAGS.workdir} --num_steps={steps}"
+                for steps in sorted({r["steps"] for r in records})]
     device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
+    command_lines = "\n".join(f"    {c}" for c in commands)
     stem = os.path.join(FLAGS.results, "vdm_ablations")
     with open(f"{stem}.json", "w") as f:
-        json.dump({"command": command, "device": device, "runs": records}, f, indent=2)
+        json.dump({"commands": commands, "device": device, "runs": records}, f, indent=2)
     write_plot(f"{stem}.png", records)
     groups = {name: group for name, group, _ in ABLATIONS}
     rows = "\n".join(
-        f"| {groups[r['name']]} | {r['name']} | `{' '.join(f'--config.{k}={v}' for k, v in r['overrides'].items()) or '(default)'}` "
+        f"| {r['steps']} | {groups[r['name']]} | {r['name']} | `{' '.join(f'--config.{k}={v}' for k, v in r['overrides'].items()) or '(default)'}` "
         f"| {r['test_bpd']:.3f} +- {r['test_bpd_stderr']:.3f} | {r['diffusion_bpd']:.3f} "
         f"| {r['diffusion_estimate_variance']:.2e} +- {r['diffusion_estimate_variance_stderr']:.1e} "
         f"| {r['train_seconds'] / 60:.1f} |" for r in records)
     with open(f"{stem}.md", "w") as f:
         f.write(f"""# VDM ablations on digits
 
-Command: `{command}` on {device}, 2 cores. Every run is configs/vdm_digits.py with the overrides
-shown, trained {records[0]['steps']} steps (batch 64), evaluated with its EMA parameters on all 360
-test examples, 4 time samples each (+- is one standard error over examples).
+Commands, in order (the second continues every run of the first from its checkpoint), on
+{device}, 2 cores:
+{command_lines}
+
+Every run is configs/vdm_digits.py with the overrides shown, trained the given number of steps
+(batch 64), evaluated with its EMA parameters (decay 0.999) on all 360 test examples, 4 time
+samples each (+- is one standard error over examples).
 
 Variance: for {FLAGS.variance_batches} fixed test batches of {VARIANCE_BATCH_SIZE}, the variance over
 {FLAGS.variance_draws} draws of (t, eps) (antithetic t) of the batch's mean diffusion term, in
 (bits/dim)^2, averaged over batches (+- one standard error over batches).
 
-| group | run | overrides | test bits/dim | diffusion bits/dim | variance of a batch's diffusion loss | train min |
-|---|---|---|---|---|---|---|
+| steps | group | run | overrides | test bits/dim | diffusion bits/dim | variance of a batch's diffusion loss | train min |
+|---|---|---|---|---|---|---|---|
 {rows}
 
 ![ablations](vdm_ablations.png)
@@ -159,14 +193,17 @@ def main(argv):
     unknown = sorted(set(FLAGS.only or ()) - set(names))
     if unknown:
         raise ValueError(f"--only names {unknown}, which are not among {names}")
-    command = f"python -m experiments.vdm_ablations --workdir={FLAGS.workdir} --num_steps={FLAGS.num_steps}"
-    records = []
     for name, _, overrides in ABLATIONS:
-        if FLAGS.only is None or name in FLAGS.only or os.path.exists(os.path.join(FLAGS.workdir, name, "result.json")):
-            records.append(run_ablation(name, overrides))
-            print(json.dumps(records[-1]), flush=True)
+        if FLAGS.only is None or name in FLAGS.only:
+            print(json.dumps(run_ablation(name, overrides)), flush=True)
+    records = []
+    for steps in sorted({s for name in names for s in finished_budgets(name)}):
+        for name in names:
+            if os.path.exists(result_path(name, steps)):
+                with open(result_path(name, steps)) as f:
+                    records.append(json.load(f))
     os.makedirs(FLAGS.results, exist_ok=True)
-    write_report(records, command)
+    write_report(records)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import shutil
 import time
 
 import jax
-import numpy as np
 from absl import app, flags
 
 from configs import vdm_digits

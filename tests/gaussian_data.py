@@ -1,5 +1,4 @@
 """Closed forms for Gaussian data x ~ N(0, s^2 I), the reference the diffusion tests compare with."""
-import jax.numpy as jnp
 import numpy as np
 
 from ddm_jax.diffusion import alpha_sigma, from_eps

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 import scipy.stats
 
 from ddm_jax import diffusion
@@ -94,3 +95,29 @@ def test_user_mistakes_raise():
     with pytest.raises(ValueError, match="parameterization='noise'"):
         likelihood.ode_log_likelihood(jax.random.PRNGKey(0), k.astype(jnp.float32), optimal_denoiser(S),
                                       gamma_fn, parameterization="noise")
+
+
+def test_decoder_dequantized_bound_matches_an_independent_computation():
+    """With the optimal denoiser, p_0(z_0) = N(0, alpha_0^2 S^2 + sigma_0^2); the bound
+    -log p(k | z_0) - log p_0(z_0) + log q(z_0 | k) recomputed in numpy from the same z_0 draws."""
+    vocab, gamma_0 = 17, GAMMA_0
+    k = diffusion.decode(jnp.asarray(S * np.random.default_rng(3).standard_normal((64, 4))), vocab)
+    rng = jax.random.PRNGKey(5)
+    bpd, _ = jax.jit(lambda rng, k: likelihood.ode_bits_per_dim(
+        rng, k, optimal_denoiser(S), gamma_fn, vocab_size=vocab, dequantization="decoder", hutchinson=False))(
+        rng, k)
+    rng_dequantize, _ = jax.random.split(rng)
+    eps = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(rng_dequantize, b), (4,)), np.float64)
+                    for b in range(64)])
+    alpha2, sigma2 = 1 / (1 + np.exp(gamma_0)), 1 / (1 + np.exp(-gamma_0))
+    x = 2 * (np.asarray(k, np.float64) + 0.5) / vocab - 1
+    z_0 = np.sqrt(alpha2) * x + np.sqrt(sigma2) * eps
+    log_q = scipy.stats.norm.logpdf(z_0, np.sqrt(alpha2) * x, np.sqrt(sigma2)).sum(-1)
+    log_p = scipy.stats.norm.logpdf(z_0, 0, np.sqrt(alpha2 * S**2 + sigma2)).sum(-1)
+    values = 2 * (np.arange(vocab) + 0.5) / vocab - 1
+    log_decoder = scipy.stats.norm.logpdf(z_0[..., None], np.sqrt(alpha2) * values, np.sqrt(sigma2))
+    log_p_k = (np.take_along_axis(log_decoder, np.asarray(k)[..., None], -1)[..., 0]
+               - scipy.special.logsumexp(log_decoder, -1)).sum(-1)
+    expected = (-log_p_k - log_p + log_q) / (4 * np.log(2.0))
+    np.testing.assert_allclose(bpd, expected, rtol=1e-3, atol=2e-3)
+

@@ -12,7 +12,7 @@ from ddm_jax.training.optimizer import make_optimizer
 from ddm_jax.training.sharding import (make_mesh, replicate, replicated, shard_batch, split_for_pmap,
                                       stack_for_pmap)
 from ddm_jax.training.train_state import create_train_state
-from ddm_jax.training.trainer import pmap_train_steps, train_steps
+from ddm_jax.training.steps import pmap_train_steps, train_steps
 from configs import vdm_digits
 
 assert jax.device_count() == 8, jax.devices()

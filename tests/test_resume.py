@@ -76,7 +76,7 @@ def test_run_killed_with_sigkill_resumes_bit_identical(data_dir, tmp_path):
     restarted = start_training(data_dir, tmp_path / "b", steps, every)
     output = output_of(restarted)
     assert restarted.returncode == 0, output[-3000:]
-    assert f"Resumed from step" in output
+    assert "Resumed from step" in output
     a = final_params(data_dir, str(tmp_path / "a"), steps, every)
     b = final_params(data_dir, str(tmp_path / "b"), steps, every)
     jax.tree.map(np.testing.assert_array_equal, a, b)

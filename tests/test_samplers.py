@@ -246,16 +246,27 @@ def data_z_0():
     return diffusion.q_sample(x, jnp.float32(GAMMA_0), jax.random.normal(jax.random.PRNGKey(4), x.shape))
 
 
-def invert_and_reconstruct(z_0, steps):
+def invert_and_reconstruct(z_0, steps, fixed_point_iterations=0):
     def run(z_0):
-        z_1 = samplers.ddim_invert(correlated_denoiser(), gamma_fn, z_0, steps=steps, grid="log_snr")
+        z_1 = samplers.ddim_invert(correlated_denoiser(), gamma_fn, z_0, steps=steps, grid="log_snr",
+                                   fixed_point_iterations=fixed_point_iterations)
         return z_1, samplers.ddim_sample(None, correlated_denoiser(), gamma_fn, z_0.shape, steps=steps,
                                          grid="log_snr", z_1=z_1)
     return jax.jit(run)(z_0)
 
 
-def test_ddim_inversion_then_sampling_reconstructs_with_error_shrinking_in_steps(data_z_0):
-    """First order in the step size: 4 times the steps, about a quarter of the error."""
+@pytest.mark.parametrize("steps", [10, 25])
+def test_exact_ddim_inversion_then_sampling_reconstructs_to_float_tolerance(data_z_0, steps):
+    """Fixed-point inversion (20 iterations for 10 steps, the default 10 for 25): the DDIM sample
+    from the inverted z_1 is z_0 up to float32 rounding (|z_0| up to 3.7)."""
+    z_1, reconstruction = invert_and_reconstruct(data_z_0, steps, fixed_point_iterations=20 if steps == 10 else 10)
+    assert rms(reconstruction, data_z_0) < 5e-6
+    assert np.abs(np.asarray(reconstruction) - np.asarray(data_z_0)).max() < 5e-5
+    assert rms(z_1, data_z_0) > 0.5  # it did travel to the noise end
+
+
+def test_first_order_ddim_inversion_error_shrinks_linearly_in_steps(data_z_0):
+    """No fixed-point iterations: first order in the step size, 4 times the steps, a quarter of the error."""
     errors = {}
     for steps in (25, 100, 400):
         z_1, reconstruction = invert_and_reconstruct(data_z_0, steps)
@@ -296,6 +307,8 @@ def never_called(z, gamma):
     (lambda: samplers.sample("ddim", None, never_called, gamma_fn, (2, 3), steps=10, parameterization="y"),
      "parameterization='y'"),
     (lambda: samplers.ddim_invert(never_called, gamma_fn, jnp.zeros((2, 3)), steps=0), "steps=0"),
+    (lambda: samplers.ddim_invert(never_called, gamma_fn, jnp.zeros((2, 3)), steps=4, fixed_point_iterations=-1),
+     "fixed_point_iterations=-1"),
 ])
 def test_user_mistakes_raise_before_tracing(call, message):
     with pytest.raises(ValueError, match=message):

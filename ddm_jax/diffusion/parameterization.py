@@ -6,7 +6,6 @@ With z = alpha x + sigma eps (alpha^2 + sigma^2 = 1):
   v     : v = alpha eps - sigma x,        eps   = sigma z + alpha v
   score : grad log q(z_t) = -eps / sigma  (Tweedie)
 """
-import jax
 import jax.numpy as jnp
 
 from ddm_jax.diffusion.process import alpha_sigma, broadcast_to_data

@@ -148,17 +148,18 @@ class VDM:
     # Generation ----------------------------------------------------------------------------------
 
     def sample(self, params, rng, num: int, image_shape, *, steps: int, cond=None, sampler: str = "ancestral",
-               **settings):
+               return_nfe: bool = False, **settings):
         """Integer samples k [num, *image_shape]: z_0 by `sampler` (diffusion.SAMPLERS) in `steps` steps
-        from z_1 ~ N(0, I), then k ~ p(k | z_0). `settings` go to the sampler (e.g. eta, grid)."""
+        from z_1 ~ N(0, I), then k ~ p(k | z_0). `settings` go to the sampler (e.g. eta, grid).
+        With return_nfe, (k, the number of network evaluations): `steps`, or the ODE solver's count."""
         rng_z, rng_k = jax.random.split(rng)
         gamma_fn = self.gamma_fn(params["schedule"])
         z_0 = run_sampler(sampler, rng_z, self.denoise_fn(params["network"], cond=cond), gamma_fn,
                           (num, *image_shape), steps=steps, parameterization=self.parameterization, **settings)
-        if sampler == "ode":  # the adaptive solver also returns its number of function evaluations
-            z_0 = z_0[0]
+        z_0, nfe = z_0 if sampler == "ode" else (z_0, jnp.asarray(steps))
         logits = reconstruction_logits(z_0, gamma_fn(jnp.zeros(())), self.vocab_size)
-        return jax.random.categorical(rng_k, logits)
+        k = jax.random.categorical(rng_k, logits)
+        return (k, nfe) if return_nfe else k
 
 
 LEARNED_SCHEDULES = ("learned_linear", "learned_monotone")

@@ -14,10 +14,8 @@ import threading
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 
@@ -32,7 +30,8 @@ from ddm_jax.models.vdm import VDM, build_vdm
 from ddm_jax.training.checkpoints import CheckpointStore, make_fingerprint
 from ddm_jax.training.optimizer import make_optimizer, validate_optimizer_config
 from ddm_jax.training.sharding import make_mesh, replicate, replicated, shard_batch
-from ddm_jax.training.train_state import TrainState, apply_updates, create_train_state
+from ddm_jax.training.steps import train_steps
+from ddm_jax.training.train_state import TrainState, create_train_state
 
 EVERY_N_STEPS_FIELDS = ("log_every", "eval_every", "checkpoint_every", "sample_every")
 POSITIVE_TRAINING_FIELDS = ("batch_size", "substeps", "keep_checkpoints", "num_samples",
@@ -69,64 +68,6 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[DatasetSpec, VDM]:
     return spec, build_vdm(config.model, spec.image_shape, spec.vocab_size, cond_dim=cond_dim)
 
 
-def train_step(model: VDM, optimizer, ema_decay, state: TrainState, batch, rng, axis_name=None):
-    """One AdamW step on the loss of batch {"image", optional "cond"}; metrics are batch means (and
-    the diffusion term's variance over the batch).
-
-    Under jax.pmap, `axis_name` is the data axis: each device holds its shard of the global batch,
-    gradients and metrics are pmean'd over the axis, and the step equals the jit step on the
-    global batch (the same per-example draws of t and noise; VDM docstring).
-    """
-    rng = jax.random.fold_in(rng, state.step)
-    images = batch["image"]
-    (_, terms), grads = model.value_and_grad(state.params, rng, images, cond=batch.get("cond"),
-                                             axis_name=axis_name)
-    if axis_name is not None:
-        grads = jax.lax.pmean(grads, axis_name)
-    state = apply_updates(state, grads, optimizer, ema_decay)
-    mean = jnp.mean if axis_name is None else (lambda x: jax.lax.pmean(jnp.mean(x), axis_name))
-    to_bpd = 1.0 / (math.prod(images.shape[1:]) * jnp.log(2.0))
-    diffusion_bpd = terms["diffusion"] * to_bpd
-    metrics = {
-        "loss": mean(terms["loss"]),
-        "bpd": mean(terms["bpd"]),
-        "reconstruction_bpd": mean(terms["reconstruction"]) * to_bpd,
-        "prior_bpd": mean(terms["prior"]) * to_bpd,
-        "diffusion_bpd": mean(diffusion_bpd),
-        "diffusion_bpd_variance": mean(jnp.square(diffusion_bpd)) - jnp.square(mean(diffusion_bpd)),
-        "grad_norm": optax.tree.norm(grads),
-    }
-    return state, metrics
-
-
-def train_steps(model: VDM, optimizer, ema_decay, state: TrainState, batches, rng, axis_name=None):
-    """Several train steps in one call, on batches with leaves [substeps, B, ...]; metrics [substeps].
-
-    The steps are traced one after the other rather than as a lax.scan: XLA:CPU (jaxlib 0.10.1)
-    ran the scan's loop body about 40x slower than the same step outside a loop (2.0 s against
-    0.05 s for the digits step), even with a single substep.
-    """
-    metrics = []
-    for i in range(jax.tree.leaves(batches)[0].shape[0]):
-        state, step_metrics = train_step(model, optimizer, ema_decay, state,
-                                         jax.tree.map(lambda x: x[i], batches), rng, axis_name)
-        metrics.append(step_metrics)
-    return state, jax.tree.map(lambda *m: jnp.stack(m), *metrics)
-
-
-PMAP_AXIS = "batch"
-
-
-def pmap_train_steps(model: VDM, optimizer, ema_decay):
-    """`train_steps` under jax.pmap over the local devices, pmean over PMAP_AXIS.
-
-    Takes the state with a leading device axis (`sharding.stack_for_pmap`), batches
-    [devices, substeps, b, ...] (`sharding.split_for_pmap`) and one rng; the state is donated.
-    """
-    return jax.pmap(functools.partial(train_steps, model, optimizer, ema_decay, axis_name=PMAP_AXIS),
-                    axis_name=PMAP_AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
-
-
 class Experiment:
     """The pieces of one config on one mesh: model, optimizer, compiled steps, data."""
 
@@ -143,7 +84,8 @@ class Experiment:
             out_shardings=(state_sharding, state_sharding), donate_argnums=(0,))
         self.elbo_terms = jax.jit(self.model.elbo_terms)
         self.sample = jax.jit(self.model.sample, static_argnums=(2, 3),
-                              static_argnames=("steps", "sampler", "eta", "grid"), out_shardings=state_sharding)
+                              static_argnames=("steps", "sampler", "eta", "grid", "return_nfe"),
+                              out_shardings=state_sharding)
 
     def initial_state(self) -> TrainState:
         params = self.model.init(jax.random.fold_in(self.rng, 0), self.spec.image_shape)
