@@ -82,10 +82,16 @@ def test_run_killed_with_sigkill_resumes_bit_identical(data_dir, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def test_sigterm_saves_a_checkpoint_before_exit(data_dir, tmp_path):
+def test_eval_while_training_then_sigterm_saves_a_checkpoint_before_exit(data_dir, tmp_path):
+    """--mode=eval reads a checkpoint of a run that goes on training (read-only: the run is
+    undisturbed), and SIGTERM then makes the run save its current step and return."""
     workdir = tmp_path / "run"
-    process = start_training(data_dir, workdir, 100_000, 10)
+    # Every checkpoint kept: the tiny run saves several a second, and retention is not what this tests.
+    process = start_training(data_dir, workdir, 100_000, 10, flags=["--config.training.keep_checkpoints=100000"])
     wait_for_checkpoint(workdir, 10, process)
+    evaluation = trainer.evaluate(tiny_config(data_dir, num_steps=100_000, checkpoint_every=10), str(workdir))
+    assert evaluation["step"] >= 10 and evaluation["num_examples"] == 360 and np.isfinite(evaluation["bpd"])
+    assert process.poll() is None, "the run stopped while it was evaluated"
     process.send_signal(signal.SIGTERM)
     output = output_of(process)
     assert process.returncode == 0, output[-3000:]

@@ -151,6 +151,10 @@ class CheckpointStore:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def reload(self) -> None:
+        """Re-reads the directory's steps (another process, e.g. a training run, may have changed them)."""
+        self._manager.reload()
+
     def save(self, step: int, state: PyTree, *, extra: Mapping | None = None, force: bool = False) -> bool:
         """Saves (asynchronously) when `step` is due or `force`; True if a save started.
 

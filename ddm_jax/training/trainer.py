@@ -103,13 +103,24 @@ class Experiment:
             max_to_keep=self.config.training.keep_checkpoints,
             save_interval_steps=self.config.training.checkpoint_every, read_only=read_only)
 
-    def restore_latest(self, purpose: str) -> tuple[int, TrainState]:
-        """(step, state) of the workdir's latest checkpoint; refuses a workdir without one."""
+    def restore_latest(self, purpose: str, attempts: int = 3) -> tuple[int, TrainState]:
+        """(step, state) of the workdir's latest checkpoint; refuses a workdir without one.
+
+        The workdir may belong to a run that is training: a step listed here can be deleted by its
+        retention (training.keep_checkpoints) before it is read, and then the new latest is taken.
+        """
         if os.path.isdir(os.path.join(self.workdir, "checkpoints")):
+            target = self.initial_state()
             with self.checkpoints(read_only=True) as store:
-                step = store.latest_step()
-                if step is not None:
-                    return step, store.restore(step, self.initial_state())
+                for _ in range(attempts):
+                    store.reload()
+                    step = store.latest_step()
+                    if step is None:
+                        break
+                    try:
+                        return step, store.restore(step, target)
+                    except FileNotFoundError:
+                        logging.warning("Checkpoint %d was deleted while being read; taking the latest again", step)
         raise ValueError(f"--workdir={self.workdir} holds no checkpoint to {purpose}; train first")
 
     def cond(self, batch_size: int):
