@@ -64,7 +64,8 @@ def likelihoods(experiment, params, config) -> dict:
     elbo = experiment.evaluate(params)
     test = load_split(experiment.spec, config.data.eval_split, config.data.data_dir)["image"]
     model = experiment.model
-    rows = {"elbo_bpd": elbo["bpd"], "elbo_bpd_stderr": elbo["bpd_stderr"], "num_examples": len(test)}
+    rows = {"elbo_bpd": elbo["bpd"], "elbo_bpd_stderr": elbo["bpd_stderr"], "num_examples": len(test),
+            "elbo_time_samples": config.eval.num_time_samples}
     for dequantization in ("decoder", "uniform"):
         start = time.time()
         bpd, nfe = jax.jit(lambda params, rng, k: ode_bits_per_dim(
@@ -177,7 +178,7 @@ the train split. Reference mean max-probability of the train split:
 
 | bound | bits/dim | NFE |
 |---|---|---|
-| ELBO (4 time samples per example) | {likelihood['elbo_bpd']:.3f} +- {likelihood['elbo_bpd_stderr']:.3f} | |
+| ELBO ({likelihood['elbo_time_samples']} time samples per example) | {likelihood['elbo_bpd']:.3f} +- {likelihood['elbo_bpd_stderr']:.3f} | |
 | PF-ODE, decoder dequantization (Hutchinson, rtol = atol = 1e-5) | {likelihood['ode_decoder_bpd']:.3f} +- {likelihood['ode_decoder_bpd_stderr']:.3f} | {likelihood['ode_decoder_nfe']} |
 | PF-ODE, uniform dequantization (Hutchinson, rtol = atol = 1e-5) | {likelihood['ode_uniform_bpd']:.3f} +- {likelihood['ode_uniform_bpd_stderr']:.3f} | {likelihood['ode_uniform_nfe']} |
 

@@ -89,6 +89,9 @@ def test_user_mistakes_raise():
     k = jnp.zeros((2, 3), jnp.int32)
     with pytest.raises(ValueError, match="vocab_size=1"):
         likelihood.ode_bits_per_dim(jax.random.PRNGKey(0), k, optimal_denoiser(S), gamma_fn, vocab_size=1)
+    with pytest.raises(ValueError, match="dequantization='gaussian' is not one of"):
+        likelihood.ode_bits_per_dim(jax.random.PRNGKey(0), k, optimal_denoiser(S), gamma_fn, vocab_size=5,
+                                    dequantization="gaussian")
     with pytest.raises(ValueError, match="probe='sphere'"):
         likelihood.ode_log_likelihood(jax.random.PRNGKey(0), k.astype(jnp.float32), optimal_denoiser(S),
                                       gamma_fn, probe="sphere")

@@ -517,7 +517,8 @@ def test_bfloat16_model_computes_in_bfloat16_with_float32_islands(name, mixed):
     text = lowered_text(mixed.net, name, mixed.f32.perturbed, mixed.inputs)
     convolutions = hlo_types(text, "convolution")
     assert len(convolutions) == len(hlo_types(f32_text, "convolution"))
-    assert all(set(types) == {"bf16"} for types in convolutions)
+    assert set(convolutions[0]) == {"f32"}  # conv_in reads z in float32
+    assert all(set(types) == {"bf16"} for types in convolutions[1:])
     products = hlo_types(text, "dot_general")
     float32_products = [types for types in products if types[:2] == ["f32", "f32"]]
     assert len(float32_products) == 3  # the gamma embedding: dense_0, cond_proj, dense_1

@@ -32,15 +32,18 @@ def reported_bpd(output: str) -> float:
 
 
 def test_two_processes_train_as_one_process_with_four_devices(data_dir, tmp_path):  # noqa: F811
-    single = start_training(data_dir, tmp_path / "single", STEPS, STEPS, env=cpu_env(4))
+    # Eval batches of 256 over the 360 test examples: the second is padded, so each process's
+    # mask must be gathered in process order for the bits/dim to agree.
+    padded_eval = ["--config.eval.batch_size=256"]
+    single = start_training(data_dir, tmp_path / "single", STEPS, STEPS, env=cpu_env(4), flags=padded_eval)
     single_output = output_of(single)
     assert single.returncode == 0, single_output[-3000:]
 
     port = free_port()
     processes = [
         start_training(data_dir, tmp_path / "multi", STEPS, STEPS, env=cpu_env(2), log_suffix=f".{index}",
-                       flags=["--multihost", f"--coordinator_address=localhost:{port}", "--num_processes=2",
-                              f"--process_id={index}"])
+                       flags=[*padded_eval, "--multihost", f"--coordinator_address=localhost:{port}",
+                              "--num_processes=2", f"--process_id={index}"])
         for index in range(2)]
     outputs = [output_of(process) for process in processes]
     for process, output in zip(processes, outputs):
@@ -59,8 +62,11 @@ def test_two_processes_train_as_one_process_with_four_devices(data_dir, tmp_path
 @pytest.mark.parametrize("settings, message", [
     (dict(num_processes=2, process_id=2), r"--process_id=2 must be in \[0, --num_processes=2\)"),
     (dict(num_processes=0), "--num_processes=0 must be >= 1"),
+    (dict(coordinator_address="host:1", process_id=1), "--process_id=1 is given without --num_processes"),
 ])
-def test_bad_distributed_settings_are_refused_before_connecting(settings, message):
+def test_bad_distributed_settings_are_refused_before_connecting(settings, message, monkeypatch):
+    for variable in distributed.ENVIRONMENT.values():
+        monkeypatch.delenv(variable, raising=False)
     with pytest.raises(ValueError, match=message):
         distributed.distributed_settings(**settings)
 

@@ -1,11 +1,13 @@
 """End to end on the offline digits builder: train, checkpoint, resume, evaluate, refuse."""
 import os
+import shutil
 
 import numpy as np
 import pytest
 
 from configs import vdm_digits
 from ddm_jax.training import trainer
+from ddm_jax.training.checkpoints import CheckpointStore
 
 
 def tiny_config(data_dir, **training):
@@ -141,3 +143,22 @@ def test_eval_with_bfloat16_compute_restores_a_float32_checkpoint(trained):
     assert bfloat16["step"] == float32["step"]
     assert bfloat16["bpd"] == pytest.approx(float32["bpd"], rel=2e-2)
     assert bfloat16["bpd"] != float32["bpd"]  # it did compute in bfloat16
+
+
+def test_eval_takes_the_new_latest_when_its_checkpoint_is_deleted_while_read(trained, tmp_path, monkeypatch):
+    """As a training run's retention can do: the latest step vanishes between listing and reading."""
+    data_dir, workdir, _ = trained
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    steps = sorted(int(s) for s in os.listdir(os.path.join(copy, "checkpoints")) if s.isdigit())
+    restore, deleted = CheckpointStore.restore, []
+
+    def restore_after_deleting_the_first(store, step, target):
+        if not deleted:
+            shutil.rmtree(os.path.join(store.directory, str(step)))
+            deleted.append(step)
+        return restore(store, step, target)
+
+    monkeypatch.setattr(CheckpointStore, "restore", restore_after_deleting_the_first)
+    evaluation = trainer.evaluate(tiny_config(data_dir, num_steps=steps[-1]), copy)
+    assert deleted == [steps[-1]] and evaluation["step"] == steps[-2]

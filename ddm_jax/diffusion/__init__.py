@@ -6,6 +6,7 @@ alpha_t^2 = sigmoid(-gamma_t), sigma_t^2 = sigmoid(gamma_t), z_t = alpha_t x + s
 from ddm_jax.diffusion.elbo import (
     WEIGHTINGS,
     bits_per_dim,
+    decoder_nll,
     denoising_loss,
     diffusion_loss,
     diffusion_weight,

@@ -49,8 +49,12 @@ def reconstruction_loss(rng: jax.Array, k: jax.Array, gamma_0, *, vocab_size: in
 
     gamma_0 is a scalar (the schedule at t = 0); the noise of example b is `per_example_normal`'s.
     """
-    x = encode(k, vocab_size)
-    z_0 = q_sample(x, gamma_0, per_example_normal(rng, x.shape, rows))
+    z_0 = q_sample(encode(k, vocab_size), gamma_0, per_example_normal(rng, k.shape, rows))
+    return decoder_nll(k, z_0, gamma_0, vocab_size)
+
+
+def decoder_nll(k: jax.Array, z_0: jax.Array, gamma_0, vocab_size: int) -> jax.Array:
+    """-log p(k | z_0), the softmax of `reconstruction_logits` at k, summed over dimensions: [B] nats."""
     logits = reconstruction_logits(z_0, gamma_0, vocab_size)
     log_p = jnp.take_along_axis(jax.nn.log_softmax(logits), k[..., None].astype(jnp.int32), -1)
     return -sum_over_data_dims(log_p[..., 0])

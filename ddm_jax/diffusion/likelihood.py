@@ -9,15 +9,16 @@ solved jointly for (z_t, the integral) from t = 0 (data) to t = 1 (noise). The d
 exact (a sum over the D dimensions, D Jacobian-vector products: small D only) or Hutchinson's
 unbiased estimate v^T (df/dz) v with one probe v per example, fixed for the whole solve.
 
-Data here is x, and the ODE starts at z_0 = alpha_0 x: the model of x is z_0 / alpha_0,
-whose density is p_x(x) = alpha_0^D p_0(alpha_0 x). For x ~ N(0, S^2 I) and the optimal
+For data x with the uniform dequantization the ODE starts at z_0 = alpha_0 x: the model of x
+is z_0 / alpha_0, whose density is p_x(x) = alpha_0^D p_0(alpha_0 x) (`ode_bits_per_dim`
+describes the decoder dequantization, which starts at z_0 ~ q(z_0 | x)). For x ~ N(0, S^2 I) and the optimal
 denoiser, z_0 ~ N(0, (alpha_0^2 S^2 + sigma_0^2) I), so p_x = N(0, (S^2 + exp(gamma_0)) I).
 """
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddm_jax.diffusion.elbo import bits_per_dim, per_example_normal, reconstruction_loss, sum_over_data_dims
+from ddm_jax.diffusion.elbo import bits_per_dim, decoder_nll, per_example_normal, sum_over_data_dims
 from ddm_jax.diffusion.parameterization import check_parameterization
 from ddm_jax.diffusion.process import encode, q_sample
 from ddm_jax.diffusion.samplers import probability_flow_drift, solve_adaptive
@@ -113,10 +114,10 @@ def ode_bits_per_dim(rng, k, denoise_fn, gamma_fn, *, vocab_size: int, parameter
         z_0 = jnp.exp(log_alpha_0) * x
         nats_given_ode = lambda log_p_z: -(log_p_z + num_dims * log_alpha_0) - num_dims * np.log(bin_width)
     else:
-        eps = per_example_normal(rng_dequantize, k.shape)  # the noise reconstruction_loss draws
+        eps = per_example_normal(rng_dequantize, k.shape)
         z_0 = q_sample(x, gamma_0, eps)
         log_q = standard_normal_log_density(eps) - 0.5 * num_dims * jax.nn.log_sigmoid(gamma_0)
-        decoder_nats = reconstruction_loss(rng_dequantize, k, gamma_0, vocab_size=vocab_size)
+        decoder_nats = decoder_nll(k, z_0, gamma_0, vocab_size)
         nats_given_ode = lambda log_p_z: decoder_nats - log_p_z + log_q
     log_p_z, nfe = ode_log_likelihood(
         rng_probe, z_0, denoise_fn, gamma_fn, parameterization=parameterization,

@@ -18,6 +18,7 @@ Along the grid a step goes from t to s < t; with c = -expm1(gamma_s - gamma_t) =
 import diffrax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ddm_jax.diffusion.parameterization import check_parameterization, eps_from, x0_from_eps
 from ddm_jax.diffusion.process import alpha_sigma, broadcast_to_data, posterior_coefficient
@@ -163,11 +164,13 @@ def ddim_invert(denoise_fn, gamma_fn, z_0, *, steps: int, parameterization: str 
     iteration contracts (a small step; Pan et al. 2023, "Effective real image editing with
     accelerated iterative diffusion inversion"), `ddim_sample` from the z_1 returned reconstructs
     z_0 to float tolerance; 0 iterations is the first-order inversion, whose error shrinks only
-    linearly in 1 / steps. Cost: steps (1 + fixed_point_iterations) denoiser calls. The
-    trajectory runs from z_0 to z_1 (increasing t).
+    linearly in 1 / steps (and was this function's only behaviour before the iterations were
+    added). Cost: steps (1 + fixed_point_iterations) denoiser calls. The trajectory runs from
+    z_0 to z_1 (increasing t).
     """
     _check_settings(steps, parameterization, grid)
-    if not (isinstance(fixed_point_iterations, int) and fixed_point_iterations >= 0):
+    if (isinstance(fixed_point_iterations, bool) or not isinstance(fixed_point_iterations, (int, np.integer))
+            or fixed_point_iterations < 0):
         raise ValueError(f"fixed_point_iterations={fixed_point_iterations!r} must be an integer >= 0")
 
     def step(z_s, state, j, gamma_s, gamma_t):

@@ -151,7 +151,8 @@ class ScoreNet(nn.Module):
         h = z
         if self.with_fourier_features:  # float32: the 2^8 pi z phases need it
             h = base2_fourier_features(z, self.fourier_first, self.fourier_last, self.fourier_step)
-        h = nn.Conv(self.embedding_dim, (3, 3), dtype=self.dtype, name="conv_in")(h.astype(self.dtype))
+        # conv_in in float32: bfloat16's spacing near |z| = 1 (2^-7) is an 8-bit bin's width.
+        h = nn.Conv(self.embedding_dim, (3, 3), name="conv_in")(h).astype(self.dtype)
         skips = [h]
         for i in range(self.n_layers):
             h = res_block(f"down_block_{i}")(h, emb, train=train)

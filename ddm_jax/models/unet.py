@@ -86,7 +86,8 @@ class UNetEncoder(nn.Module):
         emb = GammaEmbedding(
             self.ch, 4 * self.ch, self.gamma_min, self.gamma_max, dtype=self.dtype, name="embedding"
         )(gamma, cond)
-        h = nn.Conv(self.ch, (3, 3), dtype=self.dtype, name="conv_in")(z.astype(self.dtype))
+        # conv_in in float32: bfloat16's spacing near |z| = 1 (2^-7) is an 8-bit bin's width.
+        h = nn.Conv(self.ch, (3, 3), name="conv_in")(z).astype(self.dtype)
         if hint is not None:
             h = h + hint.astype(self.dtype)
         skips = [h]

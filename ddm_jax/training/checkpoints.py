@@ -77,8 +77,8 @@ def _describe(differences: list[str]) -> str:
     return shown + (f"; and {hidden} more" if hidden > 0 else "")
 
 
-def check_fingerprint(directory: str | os.PathLike, fingerprint: Mapping) -> None:
-    """Raises ValueError if any checkpoint in `directory` lacks or differs from `fingerprint`.
+def check_fingerprint(directory: str | os.PathLike, fingerprint: Mapping, steps=None) -> None:
+    """Raises ValueError if any checkpoint in `directory` (or of `steps`) lacks or differs from `fingerprint`.
 
     Reads only: nothing in `directory` is created, changed or removed.
     """
@@ -89,7 +89,7 @@ def check_fingerprint(directory: str | os.PathLike, fingerprint: Mapping) -> Non
     read_only = ocp.CheckpointManagerOptions(
         read_only=True, create=False, save_interval_steps=0, save_root_metadata=False)
     with ocp.CheckpointManager(directory, options=read_only) as reader:
-        for step in sorted(reader.all_steps(), reverse=True):
+        for step in sorted(reader.all_steps() if steps is None else steps, reverse=True):
             if "fingerprint" not in (reader.metadata(step).item_metadata or {}):
                 raise ValueError(
                     f"checkpoint directory {directory} holds step {step} without an architecture "
@@ -115,7 +115,8 @@ class CheckpointStore:
     Usage: `with CheckpointStore(workdir / "checkpoints", fingerprint=fp) as store: ...`
     All processes of a multi-host job open, save and restore together. A `read_only` store
     (evaluation, sampling) creates, saves and deletes nothing, so it can read the checkpoints of
-    a run that is still training.
+    a run that is still training; it checks the fingerprint of each step it restores, not of
+    every step when it opens (the run's retention may delete old steps meanwhile).
     """
 
     def __init__(
@@ -131,7 +132,8 @@ class CheckpointStore:
             raise ValueError(f"max_to_keep = {max_to_keep}: expected >= 1, or None to keep all")
         if save_interval_steps < 1:
             raise ValueError(f"save_interval_steps = {save_interval_steps}: expected >= 1")
-        check_fingerprint(directory, fingerprint)
+        if not read_only:
+            check_fingerprint(directory, fingerprint)
         self._fingerprint = _as_json(fingerprint)
         self._manager = ocp.CheckpointManager(
             os.fspath(directory),
@@ -183,6 +185,8 @@ class CheckpointStore:
     def restore(self, step: int, target_state: PyTree) -> PyTree:
         """The state saved at `step`, with the structure, dtypes and shardings of `target_state`."""
         self._check_step(step)
+        if self.read_only:
+            check_fingerprint(self.directory, self._fingerprint, steps=[step])
         return self._manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target_state)))).state
 

@@ -32,6 +32,10 @@ def distributed_settings(coordinator_address: str | None = None, num_processes: 
                 raise ValueError(f"{ENVIRONMENT[name]}={settings[name]!r} must be an integer") from None
     if settings["num_processes"] is not None and settings["num_processes"] < 1:
         raise ValueError(f"--num_processes={settings['num_processes']} must be >= 1")
+    for given_one, missing in (("process_id", "num_processes"), ("num_processes", "process_id")):
+        if settings[given_one] is not None and settings[missing] is None:
+            raise ValueError(f"--{given_one}={settings[given_one]} is given without --{missing} "
+                             f"(or {ENVIRONMENT[missing]}); give both, or neither on TPU, Slurm or Open MPI")
     if None not in (settings["num_processes"], settings["process_id"]) and not (
             0 <= settings["process_id"] < settings["num_processes"]):
         raise ValueError(f"--process_id={settings['process_id']} must be in [0, --num_processes="

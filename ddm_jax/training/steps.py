@@ -2,7 +2,7 @@
 
 `train_steps` runs under jax.jit over a device mesh (the trainer's path: the batch sharded over
 "data", the state replicated) and, with `axis_name`, under jax.pmap (`pmap_train_steps`); both
-give the step of the global batch (tests/test_multidevice.py).
+give the step of the global batch (tests/test_multidevice.py; with dropout, other draws of its masks).
 """
 import functools
 import math
@@ -21,7 +21,8 @@ def train_step(model: VDM, optimizer, ema_decay, state: TrainState, batch, rng, 
 
     Under jax.pmap, `axis_name` is the data axis: each device holds its shard of the global batch,
     gradients and metrics are pmean'd over the axis, and the step equals the jit step on the
-    global batch (the same per-example draws of t and noise; VDM docstring).
+    global batch (the same per-example draws of t and noise; VDM docstring), except for dropout,
+    whose masks are drawn per device (same distribution, other draws).
     """
     rng = jax.random.fold_in(rng, state.step)
     images = batch["image"]
@@ -39,7 +40,7 @@ def train_step(model: VDM, optimizer, ema_decay, state: TrainState, batch, rng, 
         "reconstruction_bpd": mean(terms["reconstruction"]) * to_bpd,
         "prior_bpd": mean(terms["prior"]) * to_bpd,
         "diffusion_bpd": mean(diffusion_bpd),
-        "diffusion_bpd_variance": mean(jnp.square(diffusion_bpd)) - jnp.square(mean(diffusion_bpd)),
+        "diffusion_bpd_variance": mean(jnp.square(diffusion_bpd - mean(diffusion_bpd))),
         "grad_norm": optax.tree.norm(grads),
     }
     return state, metrics

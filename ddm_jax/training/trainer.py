@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
 
 from ddm_jax.data import (AUGMENT_COND_DIM, DatasetSpec, check_augment, check_eval_split, dataset_spec,
                           eval_batches, identity_cond, train_batches)
@@ -107,20 +108,28 @@ class Experiment:
         """(step, state) of the workdir's latest checkpoint; refuses a workdir without one.
 
         The workdir may belong to a run that is training: a step listed here can be deleted by its
-        retention (training.keep_checkpoints) before it is read, and then the new latest is taken.
+        retention (training.keep_checkpoints) while it is read; then the new latest is taken. With
+        several processes, process 0 chooses the step for all.
         """
         if os.path.isdir(os.path.join(self.workdir, "checkpoints")):
             target = self.initial_state()
             with self.checkpoints(read_only=True) as store:
                 for _ in range(attempts):
                     store.reload()
-                    step = store.latest_step()
+                    step = _same_on_all_processes(store.latest_step())
                     if step is None:
                         break
                     try:
                         return step, store.restore(step, target)
-                    except FileNotFoundError:
+                    except Exception:
+                        store.reload()
+                        if step in store.all_steps() or jax.process_count() > 1:
+                            raise
                         logging.warning("Checkpoint %d was deleted while being read; taking the latest again", step)
+                else:
+                    raise RuntimeError(f"--workdir={self.workdir}: the latest checkpoint was deleted while being "
+                                       f"read, {attempts} times; the run training there deletes faster than this "
+                                       "reads (raise its training.keep_checkpoints), then try again")
         raise ValueError(f"--workdir={self.workdir} holds no checkpoint to {purpose}; train first")
 
     def cond(self, batch_size: int):
@@ -149,6 +158,14 @@ class Experiment:
             save_png(path, grid)
         writer.write_images(step, {"samples": grid[None]})
         return path
+
+
+def _same_on_all_processes(step: int | None) -> int | None:
+    """Process 0's value of `step` on every process (-1 stands for None in the broadcast)."""
+    if jax.process_count() == 1:
+        return step
+    value = int(multihost_utils.broadcast_one_to_all(np.int64(-1 if step is None else step)))
+    return None if value < 0 else value
 
 
 def architecture(model_config: ml_collections.ConfigDict) -> dict:
@@ -266,10 +283,13 @@ def sample_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, sample
     k = jax.device_get(experiment.sample(state.ema_params, jax.random.fold_in(experiment.rng, 4), num_samples,
                                          experiment.spec.image_shape, steps=steps, sampler=sampler,
                                          cond=experiment.cond(num_samples), **settings))
-    stem = os.path.join(experiment.workdir, "samples", f"{sampler}_{steps}steps_checkpoint{step}")
-    os.makedirs(os.path.dirname(stem), exist_ok=True)
-    save_png(f"{stem}.png", image_grid(to_uint8(np.asarray(k), experiment.spec.vocab_size)))
-    np.savez(f"{stem}.npz", samples=np.asarray(k), vocab_size=experiment.spec.vocab_size)
+    eta_part = "" if eta is None else f"_eta{eta}"
+    stem = os.path.join(experiment.workdir, "samples",
+                        f"{sampler}{eta_part}_{steps}steps_{num_samples}samples_checkpoint{step}")
+    if jax.process_index() == 0:  # the same samples on every process; the seed is fixed, so a rerun rewrites the same
+        os.makedirs(os.path.dirname(stem), exist_ok=True)
+        save_png(f"{stem}.png", image_grid(to_uint8(np.asarray(k), experiment.spec.vocab_size)))
+        np.savez(f"{stem}.npz", samples=np.asarray(k), vocab_size=experiment.spec.vocab_size)
     return {"step": step, "png": f"{stem}.png", "npz": f"{stem}.npz"}
 
 
