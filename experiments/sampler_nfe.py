@@ -159,8 +159,9 @@ upward at this sample size, so compare rows with each other, not with FIDs of ot
 | ancestral, 1000 steps | {ancestral:.2f} +- {ancestral_spread:.2f} |
 | DPM-Solver++(2M), 20 steps | {dpm:.2f} +- {dpm_spread:.2f} |
 
-Relative difference {100 * target['relative_difference']:+.1f}%: the target is
-{'met' if target['within_5_percent'] else 'NOT met'}.
+Relative difference {100 * target['relative_difference']:+.1f}% (lower FD is better; the target reads
+"no more than 5% above"): the target is {'met' if target['within_5_percent'] else 'NOT met'}. Compare the
+difference with the spread between seeds before reading more into it.
 
 ## All settings
 
