@@ -139,7 +139,7 @@ def write_plot(path: str, records: list[dict]) -> None:
     ax_bpd.set_ylabel("test bits/dim")
     ax_bpd.legend()
     ax_var.set_yscale("log")
-    ax_var.set_ylabel(f"variance of a batch's diffusion loss (batch {VARIANCE_BATCH_SIZE}), (bits/dim)^2")
+    ax_var.set_ylabel(f"variance, batch-{VARIANCE_BATCH_SIZE} diffusion loss, (bits/dim)^2")
     for ax in (ax_bpd, ax_var):
         ax.tick_params(axis="x", rotation=60)
         ax.grid(alpha=0.3)
