@@ -1,4 +1,5 @@
 """ddm_jax: diffusion models as latent-variable models, in JAX/Flax."""
+
 from setuptools import find_packages, setup
 
 setup(
@@ -6,6 +7,8 @@ setup(
     version="0.1.0",
     description="Variational diffusion models, DDPM and adapters in JAX/Flax.",
     packages=find_packages(include=["ddm_jax", "ddm_jax.*"]),
+    # The CLIP BPE vocabulary (open-clip-torch's, MIT licence) and its licence notice.
+    package_data={"ddm_jax.models": ["assets/*"]},
     python_requires=">=3.10",
     install_requires=[
         # jaxlib 0.10.2 miscompiles reductions over constant matrices on CPU
@@ -28,9 +31,22 @@ setup(
         # tfds 4.9.10 imports it unconditionally (tensorflow/datasets#11212).
         "importlib_resources>=5",
         "psutil>=5",
+        "regex>=2023",  # the CLIP tokenizer's Unicode-class pattern
+        "safetensors>=0.8,<1",  # diffusers-format checkpoints, read and written without torch
+        "ml_dtypes>=0.5",  # bfloat16 tensors of those checkpoints in numpy
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11", "packaging>=23"],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "scipy>=1.11",
+            "packaging>=23",
+            "ruff==0.17.6",  # `make lint`: the one formatter and linter
+            "instant-clip-tokenizer>=0.1.1",  # an independent CLIP tokenizer to test ours against
+        ],
         "experiments": ["matplotlib>=3.8,<4"],  # the plots in experiments/results
+        # Only experiments/make_parity_fixtures.py: PyTorch references for tests/fixtures (never `make test`).
+        # torch 2.13.0's CPU wheel; `pip install torch` alone may fetch a CUDA build of several GB.
+        "parity": ["torch==2.13.0", "diffusers>=0.42,<0.43", "transformers>=5.24,<6"],
     },
 )

@@ -4,9 +4,12 @@ A two-stage CNN (ddm_jax.evaluation.classifier) trained with AdamW on the digits
 in well under a minute on 2 CPU cores; it reports test accuracy and writes DIR/classifier.npz,
 plus the Frechet-distance sanity figures in experiments/results/digits_classifier.{md,json}.
 
-  python -m experiments.train_digits_classifier --config=configs/digits_classifier.py --workdir=workdirs/digits_classifier
-  python -m experiments.train_digits_classifier --config=configs/digits_classifier.py --workdir=/tmp/c --config.training.num_steps=100
+  python -m experiments.train_digits_classifier --config=configs/digits_classifier.py \\
+      --workdir=workdirs/digits_classifier
+  python -m experiments.train_digits_classifier --config=configs/digits_classifier.py --workdir=/tmp/c \\
+      --config.training.num_steps=100
 """
+
 import ml_collections
 
 

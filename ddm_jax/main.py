@@ -1,23 +1,30 @@
 """Entry point: python -m ddm_jax.main --config=configs/vdm_digits.py --workdir=DIR [--mode=train|eval|sample].
 
-Override any config field with --config.<path>=<value>, e.g. --config.model.T=100.
---mode=sample draws --num_samples with --sampler (ancestral, ddim, dpm_solver_pp, ode) in --steps
-steps from the latest checkpoint and writes a PNG grid and an .npz beside the workdir's samples.
+Override any config field with --config.<path>=<value>, e.g. --config.model.T=100. Training saves
+its config as DIR/config.py: eval, sample and a resumed run take it when --config is omitted, and
+another --config must agree with it on the architecture (`--config=DIR/config.py --config.x=...`
+changes other settings). --mode=sample draws --num_samples with --sampler (ancestral, ddim,
+dpm_solver_pp, ode) in --steps steps from the latest checkpoint and writes a PNG grid and an .npz
+beside the workdir's samples.
 
 Several hosts: run the same command on each with --multihost (and, outside TPU pods, Slurm and
 Open MPI, --coordinator_address=HOST:PORT --num_processes=N --process_id=I, or the variables
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); see training/distributed.py.
 """
+
+import importlib.util
+
 import jax
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from ddm_jax.checks import ArgumentError, nearest_fields
 from ddm_jax.training import distributed, trainer
 
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and samples.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"],
-                  "train (resumes from workdir), eval or sample (the latest checkpoint).")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs, samples and the saved config.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "train (resumes from workdir), eval or sample.")
 flags.DEFINE_string("sampler", "ancestral", "--mode=sample: ancestral, ddim, dpm_solver_pp or ode.")
 flags.DEFINE_integer("steps", 1000, "--mode=sample: sampling steps (initial steps for ode).")
 flags.DEFINE_integer("num_samples", 64, "--mode=sample: how many samples.")
@@ -26,17 +33,61 @@ flags.DEFINE_bool("multihost", False, "Join the processes of a multi-host run (j
 flags.DEFINE_string("coordinator_address", None, "--multihost: HOST:PORT of process 0.")
 flags.DEFINE_integer("num_processes", None, "--multihost: the number of processes.")
 flags.DEFINE_integer("process_id", None, "--multihost: this process's index in [0, num_processes).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
+
+
+def config_from_file(argument: str) -> ml_collections.ConfigDict:
+    """get_config([arg]) of the file in a --config=PATH[:ARG] value."""
+    path, _, config_string = argument.partition(":")
+    spec = importlib.util.spec_from_file_location("config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(config_string) if config_string else module.get_config()
+
+
+def unknown_override(argv: list[str]) -> str | None:
+    """The message for the first --config.<path> override whose field does not exist, or None."""
+    files = [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+    if not files:
+        return None
+    config = config_from_file(files[-1])
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config.") :].split("=", 1)[0]
+        node, walked = config, []
+        for key in path.split("."):
+            if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+                section = ".".join(["config", *walked])
+                fields = node.keys() if isinstance(node, ml_collections.ConfigDict) else []
+                return f"--config.{path}: {section} has no field {key!r}{nearest_fields(key, fields)}"
+            node, walked = node[key], [*walked, key]
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with one clear message for an override of a config field that does not exist."""
+    try:
+        return FLAGS(argv)
+    except (AttributeError, KeyError):  # ml_collections' errors for an unknown field: "'foo'"
+        message = unknown_override(argv)
+        if message is None:
+            raise
+        raise SystemExit(f"ddm_jax: {message}") from None
 
 
 def report(result: dict) -> None:
     if jax.process_index() > 0:  # one report per run, from process 0
         return
-    print(f"test bits/dim: {result['bpd']:.4f} +- {result['bpd_stderr']:.4f} "
-          f"over {result['num_examples']} examples at step {result['step']}")
-    print("  reconstruction {reconstruction_bpd:.4f}, prior {prior_bpd:.4f}, diffusion {diffusion_bpd:.4f} "
-          "bits/dim".format(**result))
+    print(
+        f"test bits/dim: {result['bpd']:.4f} +- {result['bpd_stderr']:.4f} "
+        f"over {result['num_examples']} examples at step {result['step']}"
+    )
+    print(
+        "  reconstruction {reconstruction_bpd:.4f}, prior {prior_bpd:.4f}, diffusion {diffusion_bpd:.4f} "
+        "bits/dim".format(**result)
+    )
     for key, label in (("workdir", "TensorBoard log"), ("checkpoint", "checkpoint"), ("samples", "samples")):
         if key in result:
             print(f"{label}: {result[key]}")
@@ -44,20 +95,34 @@ def report(result: dict) -> None:
 
 def main(argv):
     del argv
+    try:
+        run_mode()
+    except ArgumentError as error:  # a user's mistake: one line, no traceback
+        raise SystemExit(f"ddm_jax: {error}") from None
+
+
+def run_mode() -> None:
     if FLAGS.multihost:
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     elif any(value is not None for value in (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)):
-        raise ValueError("--coordinator_address, --num_processes and --process_id need --multihost")
+        raise ArgumentError("--multihost", False, "True with --coordinator_address, --num_processes, --process_id")
     if FLAGS.mode == "train":
         report(trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir))
     elif FLAGS.mode == "eval":
         report(trainer.evaluate(FLAGS.config, FLAGS.workdir))
     else:
-        result = trainer.sample_checkpoint(FLAGS.config, FLAGS.workdir, sampler=FLAGS.sampler, steps=FLAGS.steps,
-                                           num_samples=FLAGS.num_samples, eta=FLAGS.eta)
+        result = trainer.sample(
+            FLAGS.config,
+            FLAGS.workdir,
+            sampler=FLAGS.sampler,
+            steps=FLAGS.steps,
+            num_samples=FLAGS.num_samples,
+            eta=FLAGS.eta,
+        )
         if jax.process_index() == 0:
-            print(f"samples of checkpoint {result['step']}: {result['png']} and {result['npz']}")
+            print(f"samples of checkpoint {result['step']} ({result['nfe']} network evaluations): ")
+            print(f"  {result['png']}\n  {result['npz']}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -9,6 +9,7 @@ with --config.model.score_net.dtype=bfloat16 (float32 parameters either way).
   python -m experiments.benchmark_train_step --config=configs/vdm_cifar10.py --batch_size=8 \
       --image_shape=32,32,3 --vocab_size=256 --out=experiments/results/train_step_cifar10.json
 """
+
 import functools
 import json
 import os
@@ -20,11 +21,11 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ddm_jax.models.vdm import build_vdm
+from ddm_jax.training.builders import build_vdm
 from ddm_jax.training.optimizer import make_optimizer
 from ddm_jax.training.sharding import make_mesh, replicate, replicated, shard_batch
-from ddm_jax.training.train_state import create_train_state
 from ddm_jax.training.steps import train_steps
+from ddm_jax.training.train_state import create_train_state
 
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 flags.DEFINE_integer("batch_size", None, "Batch size (default: the config's).")
@@ -32,10 +33,15 @@ flags.DEFINE_list("image_shape", None, "H,W,C (default: the config's dataset).")
 flags.DEFINE_integer("vocab_size", None, "Number of data values (default: the config's dataset).")
 flags.DEFINE_integer("steps", 20, "Timed steps (a multiple of --substeps).")
 flags.DEFINE_integer("substeps", 1, "Train steps per call (traced in sequence, one compiled call).")
-flags.DEFINE_integer("num_devices", None, "Devices of the data mesh (default: all; fake CPU devices with "
-                     "XLA_FLAGS=--xla_force_host_platform_device_count=N).")
-flags.DEFINE_integer("matmul_size", 2048, "n of the n x n matmul (in the compute dtype) that sets the "
-                     "reference FLOP/s.")
+flags.DEFINE_integer(
+    "num_devices",
+    None,
+    "Devices of the data mesh (default: all; fake CPU devices with "
+    "XLA_FLAGS=--xla_force_host_platform_device_count=N).",
+)
+flags.DEFINE_integer(
+    "matmul_size", 2048, "n of the n x n matmul (in the compute dtype) that sets the reference FLOP/s."
+)
 flags.DEFINE_string("out", None, "Write the figures to this JSON file.")
 FLAGS = flags.FLAGS
 
@@ -62,8 +68,9 @@ def matmul_flops_per_second(n: int, dtype: str = "float32", trials: int = 5) -> 
     return 2.0 * n**3 / min(seconds_per_call(matmul, (a, b), repeats=5) for _ in range(trials))
 
 
-def benchmark_train_step(config, batch_size: int, image_shape, vocab_size: int, steps: int,
-                         substeps: int = 1, num_devices: int | None = None) -> dict:
+def benchmark_train_step(
+    config, batch_size: int, image_shape, vocab_size: int, steps: int, substeps: int = 1, num_devices: int | None = None
+) -> dict:
     """The trainer's jitted, donated train step (`substeps` per call) on a data mesh."""
     mesh = make_mesh(num_devices)
     model = build_vdm(config.model, image_shape, vocab_size)
@@ -71,8 +78,11 @@ def benchmark_train_step(config, batch_size: int, image_shape, vocab_size: int, 
     state = replicate(create_train_state(model.init(jax.random.PRNGKey(0), image_shape), optimizer), mesh)
     images = np.random.default_rng(1).integers(0, vocab_size, (substeps, batch_size, *image_shape))
     batch = shard_batch({"image": images}, mesh, leading_axes=1)
-    step = jax.jit(functools.partial(train_steps, model, optimizer, config.training.ema_decay),
-                   out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=(0,))
+    step = jax.jit(
+        functools.partial(train_steps, model, optimizer, config.training.ema_decay),
+        out_shardings=(replicated(mesh), replicated(mesh)),
+        donate_argnums=(0,),
+    )
     rng = jax.random.PRNGKey(2)
     compiled = step.lower(state, batch, rng).compile()
     flops = flops_of(compiled) / substeps  # per device: a sharded program counts its own shard
@@ -87,10 +97,18 @@ def benchmark_train_step(config, batch_size: int, image_shape, vocab_size: int, 
     start = time.perf_counter()
     jax.block_until_ready(run(state))
     seconds = (time.perf_counter() - start) / steps
-    return {"batch_size": batch_size, "image_shape": list(image_shape), "substeps": substeps,
-            "num_devices": mesh.size, "step_seconds": seconds, "images_per_second": batch_size / seconds,
-            "step_flops": flops, "flops_per_second": flops / seconds,
-            "temp_bytes": memory.temp_size_in_bytes, "argument_bytes": memory.argument_size_in_bytes}
+    return {
+        "batch_size": batch_size,
+        "image_shape": list(image_shape),
+        "substeps": substeps,
+        "num_devices": mesh.size,
+        "step_seconds": seconds,
+        "images_per_second": batch_size / seconds,
+        "step_flops": flops,
+        "flops_per_second": flops / seconds,
+        "temp_bytes": memory.temp_size_in_bytes,
+        "argument_bytes": memory.argument_size_in_bytes,
+    }
 
 
 def main(argv):
@@ -99,23 +117,27 @@ def main(argv):
     if FLAGS.image_shape is None or FLAGS.vocab_size is None:
         # Only here is TFDS needed: with both flags given the benchmark runs where it is not installed.
         from ddm_jax.data import dataset_spec
+
         spec = dataset_spec(config.data.dataset, config.data.data_dir)
     image_shape = tuple(int(s) for s in FLAGS.image_shape) if FLAGS.image_shape else spec.image_shape
     vocab_size = FLAGS.vocab_size or spec.vocab_size
     batch_size = FLAGS.batch_size or config.training.batch_size
-    result = benchmark_train_step(config, batch_size, image_shape, vocab_size, FLAGS.steps,
-                                  FLAGS.substeps, FLAGS.num_devices)
+    result = benchmark_train_step(
+        config, batch_size, image_shape, vocab_size, FLAGS.steps, FLAGS.substeps, FLAGS.num_devices
+    )
     result["compute_dtype"] = config.model[config.model.network].dtype
     result["matmul_flops_per_second"] = matmul_flops_per_second(FLAGS.matmul_size, result["compute_dtype"])
     result["fraction_of_matmul"] = result["flops_per_second"] / result["matmul_flops_per_second"]
     result["device"] = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
     result["jax"] = jax.__version__
-    print(f"{result['images_per_second']:.1f} images/s, {result['step_seconds'] * 1e3:.1f} ms/step, "
-          f"{result['step_flops'] / 1e9:.2f} GFLOP/step, {result['flops_per_second'] / 1e9:.1f} GFLOP/s = "
-          f"{100 * result['fraction_of_matmul']:.0f}% of the {FLAGS.matmul_size}^2 {result['compute_dtype']} matmul's "
-          f"{result['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s on {result['device']}; "
-          f"{result['substeps']} substeps, mesh of {result['num_devices']}, "
-          f"XLA temp {result['temp_bytes'] / 2**20:.1f} MiB + arguments {result['argument_bytes'] / 2**20:.1f} MiB")
+    print(
+        f"{result['images_per_second']:.1f} images/s, {result['step_seconds'] * 1e3:.1f} ms/step, "
+        f"{result['step_flops'] / 1e9:.2f} GFLOP/step, {result['flops_per_second'] / 1e9:.1f} GFLOP/s = "
+        f"{100 * result['fraction_of_matmul']:.0f}% of the {FLAGS.matmul_size}^2 {result['compute_dtype']} matmul's "
+        f"{result['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s on {result['device']}; "
+        f"{result['substeps']} substeps, mesh of {result['num_devices']}, "
+        f"XLA temp {result['temp_bytes'] / 2**20:.1f} MiB + arguments {result['argument_bytes'] / 2**20:.1f} MiB"
+    )
     if FLAGS.out:
         os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
         with open(FLAGS.out, "w") as f:

@@ -10,6 +10,7 @@ alone imports it. The name and layout mapping (`inception.torch_state_dict_to_fl
 tested without torch and without the real file; the converted file is checked for every
 expected name and shape before it is written.
 """
+
 import os
 
 from absl import app, flags

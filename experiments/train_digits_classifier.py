@@ -7,6 +7,7 @@ marginals, no structure) and uniform random integers (the worst).
 
   python -m experiments.train_digits_classifier --config=configs/digits_classifier.py --workdir=workdirs/digits_classifier
 """
+
 import json
 import os
 import time
@@ -37,30 +38,36 @@ def per_pixel_samples(train: np.ndarray, num_samples: int, rng: np.random.Genera
 
 def markdown(record: dict) -> str:
     qualities = record["sample_quality"]
-    rows = "\n".join(f"| {name} | {record['sample_sizes'][name]} | {q['frechet_distance']:.3f} | "
-                     f"{q['class_total_variation']:.3f} | {q['mean_max_probability']:.3f} |"
-                     for name, q in qualities.items())
-    distributions = {"test split (reference)": record["test_class_distribution"],
-                     **{name: q["class_distribution"] for name, q in qualities.items()}}
+    rows = "\n".join(
+        f"| {name} | {record['sample_sizes'][name]} | {q['frechet_distance']:.3f} | "
+        f"{q['class_total_variation']:.3f} | {q['mean_max_probability']:.3f} |"
+        for name, q in qualities.items()
+    )
+    distributions = {
+        "test split (reference)": record["test_class_distribution"],
+        **{name: q["class_distribution"] for name, q in qualities.items()},
+    }
     classes = range(len(record["test_class_distribution"]))
-    distribution_rows = "\n".join(f"| {name} | " + " | ".join(f"{p:.3f}" for p in distribution) + " |"
-                                   for name, distribution in distributions.items())
+    distribution_rows = "\n".join(
+        f"| {name} | " + " | ".join(f"{p:.3f}" for p in distribution) + " |"
+        for name, distribution in distributions.items()
+    )
     return f"""# Digits classifier: the feature network of the Frechet distance on digits
 
-Command: `{record['command']}`, on {record['device']}, 2 cores.
+Command: `{record["command"]}`, on {record["device"]}, 2 cores.
 
-Classifier: {record['config']} (channels {record['architecture']['channels']}, \
-{record['architecture']['features']} features), {record['steps']} AdamW steps of batch {record['batch_size']} on the {record['num_train']} train images,
-{record['train_seconds']:.1f} s of training (compilation included).
+Classifier: {record["config"]} (channels {record["architecture"]["channels"]}, \
+{record["architecture"]["features"]} features), {record["steps"]} AdamW steps of batch {record["batch_size"]} on the {record["num_train"]} train images,
+{record["train_seconds"]:.1f} s of training (compilation included).
 
 | split | accuracy |
 |---|---|
-| test ({record['num_test']} images) | {record['test_accuracy']:.4f} |
-| train | {record['train_accuracy']:.4f} |
+| test ({record["num_test"]} images) | {record["test_accuracy"]:.4f} |
+| train | {record["train_accuracy"]:.4f} |
 
-Sanity check of `ddm_jax.evaluation.sample_quality` against the {record['num_test']} test images, in the \
-classifier's {record['architecture']['features']} features (Frechet distance), its argmax classes (total variation between class distributions) and its confidence (mean max softmax probability;
-test itself: {record['test_mean_max_probability']:.3f}):
+Sanity check of `ddm_jax.evaluation.sample_quality` against the {record["num_test"]} test images, in the \
+classifier's {record["architecture"]["features"]} features (Frechet distance), its argmax classes (total variation between class distributions) and its confidence (mean max softmax probability;
+test itself: {record["test_mean_max_probability"]:.3f}):
 
 | sample set | size | Frechet distance | class TV | mean max-prob |
 |---|---|---|---|---|
@@ -69,12 +76,12 @@ test itself: {record['test_mean_max_probability']:.3f}):
 The train split is what a perfect sampler would produce, so its distances are the floor at
 those sample sizes (finite-sample bias, not a model error); the floor grows as the sample shrinks.
 Per-pixel samples draw each pixel independently from its train marginal (seed {SEED}); uniform
-samples are integers uniform in [0, {record['architecture']['vocab_size']}).
+samples are integers uniform in [0, {record["architecture"]["vocab_size"]}).
 
 Class distributions (fraction of each set whose argmax logit is the class):
 
-| sample set | {' | '.join(map(str, classes))} |
-|---|{'---|' * len(classes)}
+| sample set | {" | ".join(map(str, classes))} |
+|---|{"---|" * len(classes)}
 {distribution_rows}
 """
 
@@ -97,32 +104,45 @@ def main(argv):
     rng = np.random.default_rng(SEED)
     sample_sets = {
         "train split": train["image"],
-        "train split, random subset": train["image"][rng.permutation(len(train["image"]))[:len(test["image"])]],
+        "train split, random subset": train["image"][rng.permutation(len(train["image"]))[: len(test["image"])]],
         "per-pixel independent": per_pixel_samples(train["image"], len(test["image"]), rng),
         "uniform random integers": rng.integers(spec.vocab_size, size=test["image"].shape).astype(np.uint8),
     }
-    qualities = {name: sample_quality(classifier.features, classifier.logits, samples, test["image"], batch_size)
-                 for name, samples in sample_sets.items()}
+    qualities = {
+        name: sample_quality(classifier.features, classifier.logits, samples, test["image"], batch_size)
+        for name, samples in sample_sets.items()
+    }
     config_file = config_flags.get_config_filename(FLAGS["config"])
-    overrides = "".join(f" --config.{name}={value}"
-                        for name, value in config_flags.get_override_values(FLAGS["config"]).items())
-    command = (f"python -m experiments.train_digits_classifier --config={config_file} "
-               f"--workdir={FLAGS.workdir}{overrides}")
+    overrides = "".join(
+        f" --config.{name}={value}" for name, value in config_flags.get_override_values(FLAGS["config"]).items()
+    )
+    command = (
+        f"python -m experiments.train_digits_classifier --config={config_file} --workdir={FLAGS.workdir}{overrides}"
+    )
     record = {
-        "command": command, "config": config_file, "classifier_file": path,
-        "architecture": classifier.architecture, "steps": config.training.num_steps,
-        "batch_size": config.training.batch_size, "train_seconds": train_seconds,
-        "num_train": len(train["image"]), "num_test": len(test["image"]),
+        "command": command,
+        "config": config_file,
+        "classifier_file": path,
+        "architecture": classifier.architecture,
+        "steps": config.training.num_steps,
+        "batch_size": config.training.batch_size,
+        "train_seconds": train_seconds,
+        "num_train": len(train["image"]),
+        "num_test": len(test["image"]),
         "test_accuracy": accuracy(classifier, test["image"], test["label"], batch_size),
         "train_accuracy": accuracy(classifier, train["image"], train["label"], batch_size),
         "test_mean_max_probability": next(iter(qualities.values()))["reference_mean_max_probability"],
         "test_class_distribution": next(iter(qualities.values()))["reference_class_distribution"].tolist(),
         "sample_sizes": {name: len(samples) for name, samples in sample_sets.items()},
-        "sample_quality": {name: {"frechet_distance": q["frechet_distance"],
-                                  "class_total_variation": q["class_total_variation"],
-                                  "mean_max_probability": q["mean_max_probability"],
-                                  "class_distribution": q["class_distribution"].tolist()}
-                           for name, q in qualities.items()},
+        "sample_quality": {
+            name: {
+                "frechet_distance": q["frechet_distance"],
+                "class_total_variation": q["class_total_variation"],
+                "mean_max_probability": q["mean_max_probability"],
+                "class_distribution": q["class_distribution"].tolist(),
+            }
+            for name, q in qualities.items()
+        },
         "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
     }
     os.makedirs(FLAGS.results, exist_ok=True)

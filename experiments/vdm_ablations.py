@@ -15,7 +15,9 @@ for fixed batches of test images, the variance over draws of (t, eps) of the bat
 diffusion term (bits/dim), averaged over the batches. The VDM paper's claim is that the learned
 schedule (trained to minimise this variance) lowers it.
 """
+
 import json
+import math
 import os
 
 import jax
@@ -24,7 +26,9 @@ from absl import app, flags
 
 from configs import vdm_digits
 from ddm_jax.data import load_split
+from ddm_jax.diffusion import bits_per_dim
 from ddm_jax.training import trainer
+from ddm_jax.training.experiment import Experiment
 
 flags.DEFINE_string("workdir", "workdirs/vdm_ablations", "One sub-directory per run (resumed if present).")
 flags.DEFINE_string("results", "experiments/results", "Where vdm_ablations.{md,json,png} go.")
@@ -46,7 +50,7 @@ ABLATIONS = (
     ("T=1000", "time", {"model.T": 1000}),
     ("no_fourier", "fourier", {"model.score_net.with_fourier_features": False}),
     ("ddpm_T=1000_elbo", "loss", {"model.schedule": "ddpm_linear", "model.T": 1000}),
-    ("ddpm_T=1000_simple", "loss", {"model.schedule": "ddpm_linear", "model.T": 1000, "model.loss": "simple"}),
+    ("ddpm_T=1000_simple", "loss", {"model.schedule": "ddpm_linear", "model.T": 1000, "model.weighting": "simple"}),
 )
 
 
@@ -66,19 +70,29 @@ def ablation_config(overrides: dict, num_steps: int):
 
 def diffusion_estimate_variance(config, workdir: str, num_batches: int, num_draws: int) -> dict:
     """Variance over (t, eps) draws of a test batch's mean diffusion term (bits/dim), averaged over batches."""
-    experiment = trainer.Experiment(config, workdir)
+    experiment = Experiment(config, workdir)
     _, state = experiment.restore_latest("measure")
     test = load_split(experiment.spec, config.data.eval_split, config.data.data_dir)["image"]
-    to_bpd = 1.0 / (experiment.num_dims * np.log(2.0))
+    num_dims = math.prod(experiment.spec.image_shape)
     variances = []
     for b in range(num_batches):
-        images = test[b * VARIANCE_BATCH_SIZE:(b + 1) * VARIANCE_BATCH_SIZE]
-        means = [float(np.mean(experiment.elbo_terms(state.ema_params, jax.random.PRNGKey(1000 * b + d),
-                                                     images)["diffusion"])) * to_bpd
-                 for d in range(num_draws)]
+        images = test[b * VARIANCE_BATCH_SIZE : (b + 1) * VARIANCE_BATCH_SIZE]
+        means = [
+            float(
+                np.mean(
+                    bits_per_dim(
+                        experiment.elbo_terms(state.ema_params, jax.random.PRNGKey(1000 * b + d), images)["diffusion"],
+                        num_dims,
+                    )
+                )
+            )
+            for d in range(num_draws)
+        ]
         variances.append(np.var(means, ddof=1))
-    return {"diffusion_estimate_variance": float(np.mean(variances)),
-            "diffusion_estimate_variance_stderr": float(np.std(variances, ddof=1) / np.sqrt(num_batches))}
+    return {
+        "diffusion_estimate_variance": float(np.mean(variances)),
+        "diffusion_estimate_variance_stderr": float(np.std(variances, ddof=1) / np.sqrt(num_batches)),
+    }
 
 
 def result_path(name: str, num_steps: int) -> str:
@@ -88,7 +102,9 @@ def result_path(name: str, num_steps: int) -> str:
 def finished_budgets(name: str) -> list[int]:
     directory = os.path.join(FLAGS.workdir, name)
     names = os.listdir(directory) if os.path.isdir(directory) else []
-    return sorted(int(f[len("result_"):-len(".json")]) for f in names if f.startswith("result_") and f.endswith(".json"))
+    return sorted(
+        int(f[len("result_") : -len(".json")]) for f in names if f.startswith("result_") and f.endswith(".json")
+    )
 
 
 def earlier_train_seconds(name: str) -> float:
@@ -111,8 +127,11 @@ def run_ablation(name: str, overrides: dict) -> dict:
     if result["preempted"]:
         raise SystemExit(f"{name}: stopped by SIGTERM at step {result['step']}; rerun the command to resume")
     record = {
-        "name": name, "overrides": overrides, "steps": result["step"],
-        "test_bpd": result["bpd"], "test_bpd_stderr": result["bpd_stderr"],
+        "name": name,
+        "overrides": overrides,
+        "steps": result["step"],
+        "test_bpd": result["bpd"],
+        "test_bpd_stderr": result["bpd_stderr"],
         **{f"{term}_bpd": result[f"{term}_bpd"] for term in ("reconstruction", "prior", "diffusion")},
         "train_seconds": result["train_seconds"] + earlier_train_seconds(name),
         **diffusion_estimate_variance(config, workdir, FLAGS.variance_batches, FLAGS.variance_draws),
@@ -124,6 +143,7 @@ def run_ablation(name: str, overrides: dict) -> dict:
 
 def write_plot(path: str, records: list[dict]) -> None:
     import matplotlib  # the "experiments" extra
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -131,11 +151,22 @@ def write_plot(path: str, records: list[dict]) -> None:
     for steps in sorted({r["steps"] for r in records}):
         rows = [r for r in records if r["steps"] == steps]
         names = [r["name"] for r in rows]
-        ax_bpd.errorbar(names, [r["test_bpd"] for r in rows], yerr=[r["test_bpd_stderr"] for r in rows],
-                        fmt="o", capsize=3, label=f"{steps} steps")
-        ax_var.errorbar(names, [r["diffusion_estimate_variance"] for r in rows],
-                        yerr=[r["diffusion_estimate_variance_stderr"] for r in rows], fmt="o", capsize=3,
-                        label=f"{steps} steps")
+        ax_bpd.errorbar(
+            names,
+            [r["test_bpd"] for r in rows],
+            yerr=[r["test_bpd_stderr"] for r in rows],
+            fmt="o",
+            capsize=3,
+            label=f"{steps} steps",
+        )
+        ax_var.errorbar(
+            names,
+            [r["diffusion_estimate_variance"] for r in rows],
+            yerr=[r["diffusion_estimate_variance_stderr"] for r in rows],
+            fmt="o",
+            capsize=3,
+            label=f"{steps} steps",
+        )
     ax_bpd.set_ylabel("test bits/dim")
     ax_bpd.legend()
     ax_var.set_yscale("log")
@@ -150,8 +181,10 @@ def write_plot(path: str, records: list[dict]) -> None:
 
 def write_report(records: list[dict]) -> None:
     """The table of every run at every budget in records (sorted by budget, then ABLATIONS order)."""
-    commands = [f"python -m experiments.vdm_ablations --workdir={FLAGS.workdir} --num_steps={steps}"
-                for steps in sorted({r["steps"] for r in records})]
+    commands = [
+        f"python -m experiments.vdm_ablations --workdir={FLAGS.workdir} --num_steps={steps}"
+        for steps in sorted({r["steps"] for r in records})
+    ]
     device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
     command_lines = "\n".join(f"    {c}" for c in commands)
     stem = os.path.join(FLAGS.results, "vdm_ablations")
@@ -163,7 +196,9 @@ def write_report(records: list[dict]) -> None:
         f"| {r['steps']} | {groups[r['name']]} | {r['name']} | `{' '.join(f'--config.{k}={v}' for k, v in r['overrides'].items()) or '(default)'}` "
         f"| {r['test_bpd']:.3f} +- {r['test_bpd_stderr']:.3f} | {r['diffusion_bpd']:.3f} "
         f"| {r['diffusion_estimate_variance']:.2e} +- {r['diffusion_estimate_variance_stderr']:.1e} "
-        f"| {r['train_seconds'] / 60:.1f} |" for r in records)
+        f"| {r['train_seconds'] / 60:.1f} |"
+        for r in records
+    )
     with open(f"{stem}.md", "w") as f:
         f.write(f"""# VDM ablations on digits
 

@@ -5,6 +5,7 @@ per-pixel categoricals on the same train split, and writes experiments/results/v
 
   python -m experiments.vdm_digits --workdir=workdirs/vdm_digits_experiment
 """
+
 import json
 import os
 import shutil
@@ -27,8 +28,10 @@ COMMAND = "python -m experiments.vdm_digits --workdir=workdirs/vdm_digits_experi
 def main(argv):
     del argv
     if os.path.exists(FLAGS.workdir):
-        raise ValueError(f"--workdir={FLAGS.workdir} exists; this experiment trains from scratch, so "
-                         "give a new directory (nothing was changed)")
+        raise ValueError(
+            f"--workdir={FLAGS.workdir} exists; this experiment trains from scratch, so "
+            "give a new directory (nothing was changed)"
+        )
     config = vdm_digits.get_config()
     start = time.time()
     result = trainer.train_and_evaluate(config, FLAGS.workdir)
@@ -38,12 +41,19 @@ def main(argv):
     test = load_split(spec, "test", config.data.data_dir)["image"]
     baseline = per_pixel_categorical_bpd(train, test, spec.vocab_size)
     record = {
-        "command": COMMAND, "config": "configs/vdm_digits.py", "steps": result["step"],
-        "test_bpd": result["bpd"], "test_bpd_stderr": result["bpd_stderr"],
-        "reconstruction_bpd": result["reconstruction_bpd"], "prior_bpd": result["prior_bpd"],
-        "diffusion_bpd": result["diffusion_bpd"], "num_test_examples": result["num_examples"],
-        "eval_time_samples": config.eval.num_time_samples, "wall_seconds": wall_seconds,
-        "per_pixel_categorical_bpd": baseline, "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
+        "command": COMMAND,
+        "config": "configs/vdm_digits.py",
+        "steps": result["step"],
+        "test_bpd": result["bpd"],
+        "test_bpd_stderr": result["bpd_stderr"],
+        "reconstruction_bpd": result["reconstruction_bpd"],
+        "prior_bpd": result["prior_bpd"],
+        "diffusion_bpd": result["diffusion_bpd"],
+        "num_test_examples": result["num_examples"],
+        "eval_time_samples": config.eval.num_time_samples,
+        "wall_seconds": wall_seconds,
+        "per_pixel_categorical_bpd": baseline,
+        "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
     }
     os.makedirs(FLAGS.results, exist_ok=True)
     with open(os.path.join(FLAGS.results, "vdm_digits.json"), "w") as f:
@@ -53,16 +63,16 @@ def main(argv):
     with open(os.path.join(FLAGS.results, "vdm_digits.md"), "w") as f:
         f.write(f"""# VDM on digits (the `make run` config)
 
-Command: `{COMMAND}` (the same training as `make run`), on {record['device']}, 2 cores.
+Command: `{COMMAND}` (the same training as `make run`), on {record["device"]}, 2 cores.
 
 | model | test bits/dim |
 |---|---|
-| VDM, configs/vdm_digits.py, {record['steps']} steps, EMA parameters | {record['test_bpd']:.3f} +- {record['test_bpd_stderr']:.3f} |
+| VDM, configs/vdm_digits.py, {record["steps"]} steps, EMA parameters | {record["test_bpd"]:.3f} +- {record["test_bpd_stderr"]:.3f} |
 | independent per-pixel categoricals (add-1/2 counts on the same train split) | {baseline:.3f} |
 
-VDM terms: reconstruction {record['reconstruction_bpd']:.4f}, prior {record['prior_bpd']:.4f},
-diffusion {record['diffusion_bpd']:.3f} bits/dim; all {record['num_test_examples']} test examples,
-{record['eval_time_samples']} time samples each (+- is one standard error over examples).
+VDM terms: reconstruction {record["reconstruction_bpd"]:.4f}, prior {record["prior_bpd"]:.4f},
+diffusion {record["diffusion_bpd"]:.3f} bits/dim; all {record["num_test_examples"]} test examples,
+{record["eval_time_samples"]} time samples each (+- is one standard error over examples).
 Wall time of training and evaluation: {wall_seconds / 60:.1f} minutes.
 
 ![samples]({os.path.basename(samples)})

@@ -1,4 +1,5 @@
 """The per-pixel categorical baseline against closed forms and a direct count."""
+
 import numpy as np
 
 from ddm_jax.evaluation.baselines import per_pixel_categorical_bpd

@@ -1,4 +1,5 @@
 """The digits feature classifier (training, save/load, refusals) and the sample-quality metric."""
+
 import math
 
 import numpy as np
@@ -49,8 +50,9 @@ def test_save_load_round_trip_gives_identical_logits(trained, test_split, tmp_pa
     clf.save_classifier(path, trained)
     loaded = clf.load_classifier(path, expected=trained.architecture)
     assert loaded.architecture == trained.architecture
-    np.testing.assert_array_equal(np.asarray(loaded.logits(test_split["image"])),
-                                  np.asarray(trained.logits(test_split["image"])))
+    np.testing.assert_array_equal(
+        np.asarray(loaded.logits(test_split["image"])), np.asarray(trained.logits(test_split["image"]))
+    )
 
 
 def test_save_never_overwrites(trained, tmp_path):
@@ -76,11 +78,14 @@ def test_missing_file_names_the_training_command(tmp_path):
         clf.load_classifier(tmp_path / "absent.npz")
 
 
-@pytest.mark.parametrize("images, message", [
-    (np.zeros((2, 8, 8, 1), np.float32), "expected integers"),
-    (np.zeros((2, 8, 8), np.int32), "expected integers of shape"),
-    (np.full((2, 8, 8, 1), 17, np.int32), r"expected values in \[0, 17\)"),
-])
+@pytest.mark.parametrize(
+    "images, message",
+    [
+        (np.zeros((2, 8, 8, 1), np.float32), "expected integers"),
+        (np.zeros((2, 8, 8), np.int32), "expected integers of shape"),
+        (np.full((2, 8, 8, 1), 17, np.int32), r"expected values in \[0, 17\)"),
+    ],
+)
 def test_classifier_refuses_images_it_was_not_trained_on(trained, images, message):
     with pytest.raises(ValueError, match=message):
         trained.features(images)

@@ -1,6 +1,8 @@
 """Tests of ddm_jax.data: the offline digits builder and the input pipeline."""
 
 import itertools
+import os
+import time
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
 from ddm_jax import data
+from ddm_jax.checks import ArgumentError
 
 
 class UnreachableSource(tfds.core.GeneratorBasedBuilder):
@@ -67,9 +70,7 @@ def test_digits_splits_partition_sklearn_digits(digits_splits):
     for split in (train, test):
         assert split["image"].shape[1:] == (8, 8, 1) and split["image"].dtype == np.uint8
     sklearn_digits = load_digits()
-    union = _rows(
-        np.concatenate([train["image"], test["image"]]), np.concatenate([train["label"], test["label"]])
-    )
+    union = _rows(np.concatenate([train["image"], test["image"]]), np.concatenate([train["label"], test["label"]]))
     np.testing.assert_array_equal(union, _rows(sklearn_digits.images, sklearn_digits.target))
     assert union[:, :-1].min() == 0 and union[:, :-1].max() == 16
 
@@ -104,12 +105,13 @@ def test_dataset_spec_prepares_digits_in_an_empty_data_dir(tmp_path):
     assert data.dataset_spec("digits", str(tmp_path)).split_sizes == {"train": 1437, "test": 360}
 
 
-@pytest.mark.parametrize(
-    "name, image_shape", [("cifar10", (32, 32, 3)), ("mnist", (28, 28, 1))]
-)
+# mock_data makes download_and_prepare a no-op and leaves the data unprepared: it needs download=True.
+
+
+@pytest.mark.parametrize("name, image_shape", [("cifar10", (32, 32, 3)), ("mnist", (28, 28, 1))])
 def test_dataset_spec_of_mocked_tfds_datasets(tmp_path, name, image_shape):
     with tfds.testing.mock_data(num_examples=4):
-        spec = data.dataset_spec(name, str(tmp_path))
+        spec = data.dataset_spec(name, str(tmp_path), download=True)
     assert (spec.name, spec.image_shape, spec.vocab_size, spec.num_classes) == (
         name,
         image_shape,
@@ -119,22 +121,67 @@ def test_dataset_spec_of_mocked_tfds_datasets(tmp_path, name, image_shape):
 
 
 def test_unknown_dataset_name_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match=r"data\.dataset='no_such_dataset'"):
+    with pytest.raises(ArgumentError, match=r"dataset='no_such_dataset': expected a TFDS dataset such as"):
         data.dataset_spec("no_such_dataset", str(tmp_path))
 
 
-def test_unpreparable_dataset_says_how_to_prepare_it(tmp_path):
-    with pytest.raises(ValueError, match=r"data\.dataset='unreachable_source' is not prepared") as info:
-        data.train_batches("unreachable_source", batch_size=2, seed=0, data_dir=str(tmp_path))
-    assert "tfds build unreachable_source" in str(info.value)
+def _listing(root) -> list[str]:
+    """Every file and folder under `root`, relative to it."""
+    return sorted(
+        os.path.relpath(os.path.join(folder, name), root)
+        for folder, folders, files in os.walk(root)
+        for name in folders + files
+    )
+
+
+@pytest.fixture
+def used_data_dir(tmp_path) -> str:
+    """A data_dir already holding things a failed preparation must keep: a download, a dataset folder."""
+    (tmp_path / "downloads" / "extracted").mkdir(parents=True)
+    (tmp_path / "downloads" / "earlier.tar").write_bytes(b"kept")
+    (tmp_path / "unreachable_source" / "0.9.0").mkdir(parents=True)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["unreachable_source", "cifar10"])
+def test_unprepared_dataset_is_refused_at_once_without_download(used_data_dir, name):
+    before = _listing(used_data_dir)
+    start = time.perf_counter()
+    with pytest.raises(ArgumentError) as info:
+        data.train_batches(name, batch_size=2, seed=0, data_dir=used_data_dir)
+    assert time.perf_counter() - start < 1.0
+    message = str(info.value)
+    assert message.startswith(f"dataset={name!r}: expected a dataset prepared under {used_data_dir},")
+    assert f"`tfds build {name} --data_dir={used_data_dir}`" in message and "download=True" in message
+    assert _listing(used_data_dir) == before
+
+
+def test_failed_download_is_a_clear_error_and_leaves_nothing_behind(used_data_dir):
+    before = _listing(used_data_dir)
+    with pytest.raises(ArgumentError) as info:
+        data.dataset_spec("unreachable_source", used_data_dir, download=True)
+    message = str(info.value)
+    assert message.startswith(
+        f"dataset='unreachable_source': expected a dataset that can be prepared under {used_data_dir}"
+    )
+    assert "preparing it failed: ConnectionError('no route to host')" in message
+    assert "tfds build unreachable_source" in message
     assert isinstance(info.value.__cause__, ConnectionError)
+    assert _listing(used_data_dir) == before
+
+
+def test_failed_download_into_a_new_data_dir_removes_it(tmp_path):
+    data_dir = tmp_path / "new" / "tfds"
+    with pytest.raises(ArgumentError, match="preparing it failed"):
+        data.dataset_spec("unreachable_source", str(data_dir), download=True)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_train_batches_shapes_dtypes_and_values(data_dir, digits_splits):
     batch = next(data.train_batches("digits", batch_size=32, seed=0, data_dir=data_dir))
     assert batch["image"].shape == (32, 8, 8, 1) and batch["image"].dtype == np.uint8
     assert batch["label"].shape == (32,) and batch["label"].dtype == np.int32
-    train_labels = dict(zip(_image_keys(digits_splits["train"]["image"]), digits_splits["train"]["label"]))
+    train_labels = dict(zip(_image_keys(digits_splits["train"]["image"]), digits_splits["train"]["label"], strict=True))
     assert [train_labels[key] for key in _image_keys(batch["image"])] == batch["label"].tolist()
 
 
@@ -143,7 +190,7 @@ def test_train_batches_are_a_function_of_the_seed(data_dir):
         return _take(data.train_batches("digits", batch_size=64, seed=seed, data_dir=data_dir), 3)
 
     same, again, other = first_batches(7), first_batches(7), first_batches(8)
-    for a, b in zip(same, again):
+    for a, b in zip(same, again, strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
     assert not np.array_equal(same[0]["image"], other[0]["image"])
@@ -167,9 +214,7 @@ def test_each_epoch_visits_distinct_examples_and_is_reshuffled(data_dir, digits_
 def test_start_step_resumes_where_a_run_left_off(data_dir, start_step):
     fresh = data.train_batches("digits", batch_size=100, seed=1, data_dir=data_dir)
     expected = _take(itertools.islice(fresh, start_step, None), 4)  # 14 steps per epoch.
-    resumed = _take(
-        data.train_batches("digits", batch_size=100, seed=1, data_dir=data_dir, start_step=start_step), 4
-    )
+    resumed = _take(data.train_batches("digits", batch_size=100, seed=1, data_dir=data_dir, start_step=start_step), 4)
     for a, b in zip(expected, resumed, strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
@@ -197,17 +242,17 @@ def test_processes_split_the_global_train_batch(data_dir, process_count):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(batch_size=101, process_count=2), r"batch_size=101 is not divisible by process_count=2"),
-        (dict(batch_size=100, process_index=2, process_count=2), r"process_index=2"),
-        (dict(batch_size=100, process_count=0), r"process_count=0"),
-        (dict(batch_size=0), r"batch_size=0"),
-        (dict(batch_size=2000), r"batch_size=2000 is larger than the 1437 training examples"),
-        (dict(batch_size=100, seed=-1), r"seed=-1"),
-        (dict(batch_size=100, start_step=-3), r"start_step=-3"),
+        (dict(batch_size=101, process_count=2), r"batch_size=101: expected a multiple of process_count=2"),
+        (dict(batch_size=100, process_index=2, process_count=2), r"process_index=2: expected an integer in \[0, 1\]"),
+        (dict(batch_size=100, process_count=0), r"process_count=0: expected an integer >= 1"),
+        (dict(batch_size=0), r"batch_size=0: expected an integer >= 1"),
+        (dict(batch_size=2000), r"batch_size=2000: expected at most the 1437 training examples"),
+        (dict(batch_size=100, seed=-1), r"seed=-1: expected an integer >= 0"),
+        (dict(batch_size=100, start_step=-3), r"start_step=-3: expected an integer >= 0"),
     ],
 )
 def test_bad_train_arguments_are_clear_errors(data_dir, kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ArgumentError, match=message):
         data.train_batches("digits", data_dir=data_dir, **{"seed": 0, **kwargs})
 
 
@@ -234,15 +279,15 @@ def test_processes_split_the_eval_pass(data_dir):
 
 
 def test_eval_batches_reject_uneven_process_split(data_dir):
-    with pytest.raises(ValueError, match=r"batch_size=63 is not divisible by process_count=2"):
+    with pytest.raises(ArgumentError, match=r"batch_size=63: expected a multiple of process_count=2"):
         data.eval_batches("digits", batch_size=63, data_dir=data_dir, process_count=2)
 
 
 def test_mocked_cifar10_through_the_pipeline(tmp_path):
     with tfds.testing.mock_data(num_examples=10):
-        spec = data.dataset_spec("cifar10", str(tmp_path))
-        train = next(data.train_batches(spec, batch_size=4, seed=0, data_dir=str(tmp_path)))
-        evaluation = list(data.eval_batches(spec, batch_size=4, data_dir=str(tmp_path)))
+        spec = data.dataset_spec("cifar10", str(tmp_path), download=True)
+        train = next(data.train_batches(spec, batch_size=4, seed=0, data_dir=str(tmp_path), download=True))
+        evaluation = list(data.eval_batches(spec, batch_size=4, data_dir=str(tmp_path), download=True))
     assert train["image"].shape == (4, 32, 32, 3) and train["image"].dtype == np.uint8
     assert train["label"].shape == (4,) and train["label"].dtype == np.int32
     assert ((train["label"] >= 0) & (train["label"] < 10)).all()
@@ -266,7 +311,7 @@ def test_augmented_batches_are_the_plain_batches_transformed_as_cond_says(data_d
         assert "cond" not in plain
         assert augmented["cond"].shape == (64, 8) and augmented["cond"].dtype == np.float32
         np.testing.assert_array_equal(augmented["label"], plain["label"])
-        for image, original, cond in zip(augmented["image"], plain["image"], augmented["cond"]):
+        for image, original, cond in zip(augmented["image"], plain["image"], augmented["cond"], strict=True):
             assert cond.sum() == 1.0
             np.testing.assert_array_equal(image, _turned(original, int(cond.argmax())))
         assert len(np.unique(augmented["cond"].argmax(axis=1))) > 1
@@ -275,9 +320,7 @@ def test_augmented_batches_are_the_plain_batches_transformed_as_cond_says(data_d
 @pytest.mark.parametrize("start_step", [3, 15])
 def test_augmented_run_resumes_where_it_left_off(data_dir, start_step):
     def batches(**kwargs):
-        return data.train_batches(
-            "digits", batch_size=100, seed=1, data_dir=data_dir, augment="dihedral", **kwargs
-        )
+        return data.train_batches("digits", batch_size=100, seed=1, data_dir=data_dir, augment="dihedral", **kwargs)
 
     expected = _take(itertools.islice(batches(), start_step, None), 3)
     for a, b in zip(expected, _take(batches(start_step=start_step), 3), strict=True):
@@ -287,9 +330,7 @@ def test_augmented_run_resumes_where_it_left_off(data_dir, start_step):
 
 def test_processes_split_the_augmented_global_batch(data_dir):
     def batches(**kwargs):
-        batches = data.train_batches(
-            "digits", batch_size=96, seed=5, data_dir=data_dir, augment="dihedral", **kwargs
-        )
+        batches = data.train_batches("digits", batch_size=96, seed=5, data_dir=data_dir, augment="dihedral", **kwargs)
         return _take(batches, 4)
 
     global_batches = batches()
@@ -298,15 +339,16 @@ def test_processes_split_the_augmented_global_batch(data_dir):
 
 
 def test_unknown_augmentation_is_a_clear_error(data_dir):
-    with pytest.raises(ValueError, match=r"data\.augment='rotate'; expected None"):
+    with pytest.raises(ValueError, match=r"augment='rotate': expected None"):
         data.train_batches("digits", batch_size=8, seed=0, data_dir=data_dir, augment="rotate")
 
 
 def test_mocked_cifar10_augmented(tmp_path):
     with tfds.testing.mock_data(num_examples=10):
-        batch = next(
-            data.train_batches("cifar10", batch_size=4, seed=0, data_dir=str(tmp_path), augment="dihedral")
+        batches = data.train_batches(
+            "cifar10", batch_size=4, seed=0, data_dir=str(tmp_path), augment="dihedral", download=True
         )
+        batch = next(batches)
     assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.uint8
     assert batch["cond"].shape == (4, 8)
 
@@ -356,7 +398,7 @@ def test_downsampled_imagenet32_through_the_pipeline(mock_imagenet32):
     train_keys = set(_image_keys(_fake_images("train", 12, 32)))
     inverse = [0, 3, 2, 1, 4, 5, 6, 7]  # Turns undo with opposite turns; reflections undo themselves.
     turned_back = [
-        _turned(image, inverse[int(cond.argmax())]) for image, cond in zip(train["image"], train["cond"])
+        _turned(image, inverse[int(cond.argmax())]) for image, cond in zip(train["image"], train["cond"], strict=True)
     ]
     assert set(_image_keys(np.stack(turned_back))) <= train_keys
     evaluation = list(data.eval_batches(spec, split="validation", batch_size=4, data_dir=mock_imagenet32))
@@ -366,15 +408,17 @@ def test_downsampled_imagenet32_through_the_pipeline(mock_imagenet32):
 
 
 def test_downsampled_imagenet_has_no_test_split(mock_imagenet32):
-    expected = r"data\.eval_split='test' .* expected one of \['train', 'validation'\]"
-    with pytest.raises(ValueError, match=expected):
+    expected = (
+        r"split='test': expected one of the splits \['train', 'validation'\] of dataset 'downsampled_imagenet/32x32'"
+    )
+    with pytest.raises(ArgumentError, match=expected):
         data.eval_batches("downsampled_imagenet/32x32", batch_size=4, data_dir=mock_imagenet32)
 
 
 @pytest.mark.parametrize("size", [32, 64])
 def test_unprepared_downsampled_imagenet_says_how_to_prepare_it_by_hand(tmp_path, size):
     name = f"downsampled_imagenet/{size}x{size}"
-    with pytest.raises(ValueError, match=rf"data\.dataset='{name}' is not prepared") as info:
+    with pytest.raises(ValueError, match=rf"dataset='{name}': expected a dataset prepared under") as info:
         data.train_batches(name, batch_size=4, seed=0, data_dir=str(tmp_path))
     message = str(info.value)
     for step in (
@@ -398,5 +442,6 @@ def test_a_split_larger_than_host_memory_is_refused_before_reading(tmp_path):
 
     with tfds.testing.mock_data(data_dir=str(tmp_path), as_dataset_fn=as_dataset):
         gib = 10**12 * 64 * 64 * 3 / 2**30
-        with pytest.raises(ValueError, match=rf"'train' split needs {gib:.1f} GiB of host memory"):
+        expected = rf"dataset='downsampled_imagenet/64x64': .* its 'train' split needs {gib:.1f} GiB of host memory"
+        with pytest.raises(ArgumentError, match=expected):
             data.load_split("downsampled_imagenet/64x64", "train", str(tmp_path))

@@ -1,11 +1,12 @@
 """DDPM as the discrete special case: Algorithm 1 as a loss, Algorithm 2 as a sampler."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from gaussian_data import optimal_denoiser
 
 from ddm_jax import diffusion
 from ddm_jax.diffusion import schedules
-from gaussian_data import optimal_denoiser
 
 S = 0.7
 NUM_BETAS = 50
@@ -14,7 +15,7 @@ ALPHABAR = np.cumprod(1 - BETAS)
 
 
 def ddpm_gamma_fn():
-    schedule = schedules.DDPMLinear(num_betas=NUM_BETAS, beta_start=BETAS[0], beta_end=BETAS[-1])
+    schedule = schedules.DiscreteBetas(kind="linear", num_betas=NUM_BETAS, beta_start=BETAS[0], beta_end=BETAS[-1])
     return lambda t: schedule.apply({}, t)
 
 
@@ -30,8 +31,7 @@ def test_algorithm_1_is_the_simple_loss():
     index = rng.integers(2, NUM_BETAS + 1, 16)  # DDPM's t; t = 1 is the reconstruction term here
     t = (index - 1) / (NUM_BETAS - 1)
     eps_theta = lambda z, gamma: 0.5 * z + 0.1
-    loss = diffusion.denoising_loss(jnp.asarray(x0), jnp.asarray(eps), ddpm_gamma_fn()(jnp.asarray(t)),
-                                    2.0, eps_theta)
+    loss = diffusion.denoising_loss(jnp.asarray(x0), jnp.asarray(eps), ddpm_gamma_fn()(jnp.asarray(t)), 2.0, eps_theta)
     ab = ALPHABAR[index - 1][:, None, None, None]
     x_t = np.sqrt(ab) * x0 + np.sqrt(1 - ab) * eps
     reference = ((eps - (0.5 * x_t + 0.1)) ** 2).reshape(16, -1).sum(-1)
@@ -43,7 +43,8 @@ def test_ancestral_sampler_is_algorithm_2():
     rng = jax.random.PRNGKey(3)
     shape = (8, 3)
     T = NUM_BETAS - 1
-    z_0 = diffusion.ancestral_sample(rng, optimal_denoiser(S), ddpm_gamma_fn(), shape, T=T)
+    z_0, info = diffusion.ancestral_sample(rng, optimal_denoiser(S), ddpm_gamma_fn(), shape, steps=T)
+    assert int(info["nfe"]) == T
     x = np.asarray(jax.random.normal(jax.random.fold_in(rng, T), shape), np.float64)
     for index in range(NUM_BETAS, 1, -1):  # DDPM's t = N..2; t = 1 is the final, noiseless step
         beta, ab, ab_prev = BETAS[index - 1], ALPHABAR[index - 1], ALPHABAR[index - 2]
@@ -62,9 +63,8 @@ def test_ancestral_sampler_is_algorithm_2():
 def test_ancestral_samples_have_the_data_mean_and_variance():
     schedule = schedules.FixedLinear(-10.0, 8.0)
     gamma_fn = lambda t: schedule.apply({}, t)
-    sample = jax.jit(lambda rng: diffusion.ancestral_sample(
-        rng, optimal_denoiser(S), gamma_fn, (50_000, 2), T=500))
-    z_0 = np.asarray(sample(jax.random.PRNGKey(0)), np.float64)
+    sample = jax.jit(lambda rng: diffusion.ancestral_sample(rng, optimal_denoiser(S), gamma_fn, (50_000, 2), steps=500))
+    z_0 = np.asarray(sample(jax.random.PRNGKey(0))[0], np.float64)
     alpha_0, sigma_0 = (float(a) for a in diffusion.alpha_sigma(jnp.float32(-10.0)))
     expected_var = alpha_0**2 * S**2 + sigma_0**2
     assert abs(z_0.mean()) < 4 * np.sqrt(expected_var / z_0.size)

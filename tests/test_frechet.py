@@ -1,4 +1,5 @@
 """Frechet distance against an independent scipy computation, and its basic properties."""
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -50,8 +51,9 @@ def test_zero_for_identical_statistics_and_symmetric():
     a, b = random_features(6), random_features(7, shift=1.0)
     stats_a, stats_b = frechet.feature_statistics(a), frechet.feature_statistics(b)
     assert frechet.frechet_distance(*stats_a, *stats_a) == pytest.approx(0.0, abs=1e-9)
-    np.testing.assert_allclose(frechet.frechet_distance(*stats_a, *stats_b),
-                               frechet.frechet_distance(*stats_b, *stats_a), rtol=1e-10)
+    np.testing.assert_allclose(
+        frechet.frechet_distance(*stats_a, *stats_b), frechet.frechet_distance(*stats_b, *stats_a), rtol=1e-10
+    )
 
 
 def test_near_singular_covariances_give_a_finite_real_distance():

@@ -4,6 +4,7 @@ file, and the torch -> Flax conversion.
 The real weights are not available here, so no test compares with published features or FID
 values; the network is compiled a few times at most (one per input shape).
 """
+
 import os
 import subprocess
 import sys
@@ -16,10 +17,16 @@ from flax import traverse_util
 from ddm_jax.evaluation import frechet, inception
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TORCH_NAMES = {"conv/kernel": "conv.weight", "bn/scale": "bn.weight", "bn/bias": "bn.bias",
-               "bn/mean": "bn.running_mean", "bn/var": "bn.running_var",
-               "fc/kernel": "fc.weight", "fc/bias": "fc.bias"}
-FAKE_TORCH = '''
+TORCH_NAMES = {
+    "conv/kernel": "conv.weight",
+    "bn/scale": "bn.weight",
+    "bn/bias": "bn.bias",
+    "bn/mean": "bn.running_mean",
+    "bn/var": "bn.running_var",
+    "fc/kernel": "fc.weight",
+    "fc/bias": "fc.bias",
+}
+FAKE_TORCH = """
 import numpy as np
 
 class Tensor:
@@ -33,7 +40,7 @@ def load(path, map_location, weights_only):
     assert map_location == "cpu" and weights_only
     with np.load(path) as f:
         return {name: Tensor(f[name]) for name in f.files}
-'''
+"""
 
 
 def random_variables(seed=0) -> dict:
@@ -63,8 +70,7 @@ def to_torch_state_dict(variables) -> dict:
     for path, value in flat(variables).items():
         _, *module, kind, leaf = path.split("/")
         name = ".".join([*module, TORCH_NAMES[f"{kind}/{leaf}"]])
-        state_dict[name] = {4: lambda v: v.transpose(3, 2, 0, 1), 2: lambda v: v.T}.get(
-            value.ndim, lambda v: v)(value)
+        state_dict[name] = {4: lambda v: v.transpose(3, 2, 0, 1), 2: lambda v: v.T}.get(value.ndim, lambda v: v)(value)
         if leaf == "var":
             state_dict[".".join([*module, "bn.num_batches_tracked"])] = np.array(0)
     return state_dict
@@ -114,11 +120,14 @@ def test_is_a_feature_fn_for_frechet_batched_features(feature_fn, features_299):
     np.testing.assert_allclose(features[:2], features_299, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("images, expected", [
-    (np.zeros((2, 32, 32, 3)) - 1.0, r"span \[-1.0, -1.0\]; expected \[0, 255\]"),
-    (np.zeros((2, 32, 32, 1)), r"shape \(2, 32, 32, 1\); expected \[N, H, W, 3\]"),
-    (np.zeros((32, 32, 3)), r"shape \(32, 32, 3\)"),
-])
+@pytest.mark.parametrize(
+    "images, expected",
+    [
+        (np.zeros((2, 32, 32, 3)) - 1.0, r"span \[-1.0, -1.0\]; expected \[0, 255\]"),
+        (np.zeros((2, 32, 32, 1)), r"shape \(2, 32, 32, 1\); expected \[N, H, W, 3\]"),
+        (np.zeros((32, 32, 3)), r"shape \(32, 32, 3\)"),
+    ],
+)
 def test_images_outside_the_convention_are_refused(feature_fn, images, expected):
     with pytest.raises(ValueError, match=expected):
         feature_fn(images)
@@ -155,36 +164,40 @@ def test_parameter_count_is_the_fid_inception_v3s():
     expected = 27_161_264 - aux + (1008 - 1000) * (2048 + 1)
     assert expected == 23_850_960
     shapes = inception.expected_shapes()
-    count = {collection: sum(int(np.prod(shape)) for path, shape in shapes.items()
-                             if path.startswith(collection + "/"))
-             for collection in ("params", "batch_stats")}
+    count = {
+        collection: sum(int(np.prod(shape)) for path, shape in shapes.items() if path.startswith(collection + "/"))
+        for collection in ("params", "batch_stats")
+    }
     assert count == {"params": expected, "batch_stats": 2 * 17_216}
     assert sum(path.endswith("/bn/mean") for path in shapes) == 94
     assert len(shapes) == 94 * 5 + 2  # conv kernel, BN scale, bias, mean, var; fc kernel, bias
 
 
-@pytest.mark.parametrize("path, shape", [
-    ("params/Conv2d_1a_3x3/conv/kernel", (3, 3, 3, 32)),
-    ("params/Conv2d_1a_3x3/bn/scale", (32,)),
-    ("batch_stats/Conv2d_1a_3x3/bn/var", (32,)),
-    ("params/Conv2d_4a_3x3/conv/kernel", (3, 3, 80, 192)),
-    ("params/Mixed_5b/branch_pool/conv/kernel", (1, 1, 192, 32)),
-    ("params/Mixed_5d/branch5x5_2/conv/kernel", (5, 5, 48, 64)),
-    ("params/Mixed_6a/branch3x3/conv/kernel", (3, 3, 288, 384)),
-    ("params/Mixed_6b/branch7x7_2/conv/kernel", (1, 7, 128, 128)),
-    ("params/Mixed_6e/branch7x7dbl_2/conv/kernel", (7, 1, 192, 192)),
-    ("params/Mixed_7a/branch7x7x3_4/conv/kernel", (3, 3, 192, 192)),
-    ("params/Mixed_7b/branch1x1/conv/kernel", (1, 1, 1280, 320)),
-    ("params/Mixed_7c/branch1x1/conv/kernel", (1, 1, 2048, 320)),
-    ("params/Mixed_7c/branch3x3_2a/conv/kernel", (1, 3, 384, 384)),
-    ("params/Mixed_7c/branch3x3_2b/conv/kernel", (3, 1, 384, 384)),
-    ("params/Mixed_7c/branch3x3dbl_1/conv/kernel", (1, 1, 2048, 448)),
-    ("params/Mixed_7c/branch3x3dbl_2/conv/kernel", (3, 3, 448, 384)),
-    ("params/Mixed_7c/branch3x3dbl_3b/conv/kernel", (3, 1, 384, 384)),
-    ("params/Mixed_7c/branch_pool/conv/kernel", (1, 1, 2048, 192)),
-    ("params/fc/kernel", (2048, 1008)),
-    ("params/fc/bias", (1008,)),
-])
+@pytest.mark.parametrize(
+    "path, shape",
+    [
+        ("params/Conv2d_1a_3x3/conv/kernel", (3, 3, 3, 32)),
+        ("params/Conv2d_1a_3x3/bn/scale", (32,)),
+        ("batch_stats/Conv2d_1a_3x3/bn/var", (32,)),
+        ("params/Conv2d_4a_3x3/conv/kernel", (3, 3, 80, 192)),
+        ("params/Mixed_5b/branch_pool/conv/kernel", (1, 1, 192, 32)),
+        ("params/Mixed_5d/branch5x5_2/conv/kernel", (5, 5, 48, 64)),
+        ("params/Mixed_6a/branch3x3/conv/kernel", (3, 3, 288, 384)),
+        ("params/Mixed_6b/branch7x7_2/conv/kernel", (1, 7, 128, 128)),
+        ("params/Mixed_6e/branch7x7dbl_2/conv/kernel", (7, 1, 192, 192)),
+        ("params/Mixed_7a/branch7x7x3_4/conv/kernel", (3, 3, 192, 192)),
+        ("params/Mixed_7b/branch1x1/conv/kernel", (1, 1, 1280, 320)),
+        ("params/Mixed_7c/branch1x1/conv/kernel", (1, 1, 2048, 320)),
+        ("params/Mixed_7c/branch3x3_2a/conv/kernel", (1, 3, 384, 384)),
+        ("params/Mixed_7c/branch3x3_2b/conv/kernel", (3, 1, 384, 384)),
+        ("params/Mixed_7c/branch3x3dbl_1/conv/kernel", (1, 1, 2048, 448)),
+        ("params/Mixed_7c/branch3x3dbl_2/conv/kernel", (3, 3, 448, 384)),
+        ("params/Mixed_7c/branch3x3dbl_3b/conv/kernel", (3, 1, 384, 384)),
+        ("params/Mixed_7c/branch_pool/conv/kernel", (1, 1, 2048, 192)),
+        ("params/fc/kernel", (2048, 1008)),
+        ("params/fc/bias", (1008,)),
+    ],
+)
 def test_layer_shapes(path, shape):
     assert inception.expected_shapes()[path] == shape
 
@@ -209,10 +222,12 @@ def test_basic_conv2d_is_a_bias_free_conv_then_batchnorm_eps_1e_3_then_relu():
     kernel = rng.standard_normal((1, 3, 2, 6)).astype(np.float32)
     scale, bias, mean = (rng.standard_normal(6).astype(np.float32) for _ in range(3))
     var = rng.uniform(1e-3, 1e-2, 6).astype(np.float32)
-    variables = {"params": {"conv": {"kernel": kernel}, "bn": {"scale": scale, "bias": bias}},
-                 "batch_stats": {"bn": {"mean": mean, "var": var}}}
+    variables = {
+        "params": {"conv": {"kernel": kernel}, "bn": {"scale": scale, "bias": bias}},
+        "batch_stats": {"bn": {"mean": mean, "var": var}},
+    }
     padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (0, 0)))
-    conv = sum(np.einsum("nhwi,io->nhwo", padded[:, :, j:j + 5], kernel[0, j]) for j in range(3))
+    conv = sum(np.einsum("nhwi,io->nhwo", padded[:, :, j : j + 5], kernel[0, j]) for j in range(3))
     expected = np.maximum((conv - mean) / np.sqrt(var + 1e-3) * scale + bias, 0.0)
     got = inception.BasicConv2d(6, (1, 3)).apply(variables, x)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
@@ -222,14 +237,21 @@ def test_pool_branches_of_the_mixed_blocks(variables):
     """The pool branch of Mixed_5c, 6c and 7b sees the unpadded 3x3 average of the block input;
     Mixed_7c's sees the 3x3 max (FID graph); it is the last channels of the block output.
     Input 139 leaves a 3 x 3 map at Mixed_7."""
-    blocks = [("Mixed_5b", "Mixed_5c", "avg"), ("Mixed_6b", "Mixed_6c", "avg"),
-              ("Mixed_7a", "Mixed_7b", "avg"), ("Mixed_7b", "Mixed_7c", "max")]
+    blocks = [
+        ("Mixed_5b", "Mixed_5c", "avg"),
+        ("Mixed_6b", "Mixed_6c", "avg"),
+        ("Mixed_7a", "Mixed_7b", "avg"),
+        ("Mixed_7b", "Mixed_7c", "max"),
+    ]
     captured = {name for source, block, _ in blocks for name in (source, block, block + "/branch_pool")}
 
     def apply(variables, x):
         return inception.FIDInceptionV3().apply(
-            variables, x, mutable=["intermediates"],
-            capture_intermediates=lambda module, _: "/".join(module.scope.path) in captured)[1]
+            variables,
+            x,
+            mutable=["intermediates"],
+            capture_intermediates=lambda module, _: "/".join(module.scope.path) in captured,
+        )[1]
 
     x = inception.preprocess(uniform_images(1, 139, seed=4))
     intermediates = flat(jax.jit(apply)(variables, x)["intermediates"])
@@ -244,7 +266,7 @@ def test_pool_branches_of_the_mixed_blocks(variables):
         other = expected["max" if pool == "avg" else "avg"]
         assert np.abs(got - other).max() > 1e-2, block
         block_output = np.asarray(intermediates[f"{block}/__call__"][0])
-        np.testing.assert_array_equal(block_output[..., -got.shape[-1]:], got, err_msg=block)
+        np.testing.assert_array_equal(block_output[..., -got.shape[-1] :], got, err_msg=block)
 
 
 def test_weight_file_round_trip(tmp_path, variables, features_299):
@@ -264,18 +286,29 @@ def test_missing_file_says_how_to_convert_the_weights(tmp_path):
         inception.load_inception_variables(path)
     message = str(error.value)
     assert inception.TORCH_WEIGHTS_URL in message
-    assert ("python -m experiments.convert_inception_weights "
-            f"--torch_weights=pt_inception-2015-12-05-6726825d.pth --npz={path}") in message
+    assert (
+        "python -m experiments.convert_inception_weights "
+        f"--torch_weights=pt_inception-2015-12-05-6726825d.pth --npz={path}"
+    ) in message
 
 
-@pytest.mark.parametrize("damage, expected", [
-    (lambda f: f.pop("params/Mixed_6c/branch7x7dbl_3/conv/kernel"),
-     "missing 'params/Mixed_6c/branch7x7dbl_3/conv/kernel' (1, 7, 160, 160)"),
-    (lambda f: f.update({"batch_stats/Mixed_7c/branch_pool/bn/var": np.ones(191, np.float32)}),
-     "'batch_stats/Mixed_7c/branch_pool/bn/var' has shape (191,), expected (192,)"),
-    (lambda f: f.update({"params/AuxLogits/fc/bias": np.ones(1000, np.float32)}),
-     "unexpected 'params/AuxLogits/fc/bias'"),
-])
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (
+            lambda f: f.pop("params/Mixed_6c/branch7x7dbl_3/conv/kernel"),
+            "missing 'params/Mixed_6c/branch7x7dbl_3/conv/kernel' (1, 7, 160, 160)",
+        ),
+        (
+            lambda f: f.update({"batch_stats/Mixed_7c/branch_pool/bn/var": np.ones(191, np.float32)}),
+            "'batch_stats/Mixed_7c/branch_pool/bn/var' has shape (191,), expected (192,)",
+        ),
+        (
+            lambda f: f.update({"params/AuxLogits/fc/bias": np.ones(1000, np.float32)}),
+            "unexpected 'params/AuxLogits/fc/bias'",
+        ),
+    ],
+)
 def test_a_damaged_weight_file_names_the_key(tmp_path, variables, damage, expected):
     entries = flat(variables)
     damage(entries)
@@ -305,8 +338,13 @@ def test_conversion_script_with_a_stand_in_for_torch(tmp_path, variables):
     (tmp_path / "torch.py").write_text(FAKE_TORCH)
     torch_file, out = tmp_path / "state_dict.npz", tmp_path / "inception.npz"
     np.savez(torch_file, **to_torch_state_dict(variables))
-    command = [sys.executable, "-m", "experiments.convert_inception_weights",
-               f"--torch_weights={torch_file}", f"--npz={out}"]
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.convert_inception_weights",
+        f"--torch_weights={torch_file}",
+        f"--npz={out}",
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), ROOT]), "JAX_PLATFORMS": "cpu"}
     run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -1,21 +1,28 @@
 """Exact likelihood through the probability-flow ODE against Gaussian closed forms.
 
 With the optimal denoiser the PF-ODE maps z_0 linearly to z_1 = U diag(sqrt(v_1 / v_0)) U^T z_0
-(see test_samplers), so with the prior N(0, I) at t = 1 the model density of z_0 is
+(tests/gaussian_data.py), so with the prior N(0, I) at t = 1 the model density of z_0 is
 N(0, U diag(v_0 / v_1) U^T) exactly: q(z_0) = N(0, C_0) up to v_1 - 1 = alpha_1^2 (l - 1) ~ 1e-4.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special
 import scipy.stats
+from gaussian_data import (
+    GAMMA_0,
+    GAMMA_1,
+    correlated_denoiser,
+    gamma_fn,
+    in_eigenbasis,
+    marginal_variances,
+    optimal_denoiser,
+)
 
 from ddm_jax import diffusion
 from ddm_jax.diffusion import likelihood
-from gaussian_data import optimal_denoiser
-from test_samplers import (GAMMA_0, GAMMA_1, correlated_denoiser, gamma_fn, in_eigenbasis,
-                           marginal_variances)
 
 S = 0.5
 VOCAB_SIZE = 256
@@ -36,10 +43,11 @@ def points():
 def log_likelihood():
     """One jitted ode_log_likelihood per (hutchinson, probe), reused across tests."""
     return {
-        (hutchinson, probe): jax.jit(lambda rng, z, hutchinson=hutchinson, probe=probe:
-                                     likelihood.ode_log_likelihood(rng, z, correlated_denoiser("v"), gamma_fn,
-                                                                   parameterization="v", hutchinson=hutchinson,
-                                                                   probe=probe))
+        (hutchinson, probe): jax.jit(
+            lambda rng, z, hutchinson=hutchinson, probe=probe: likelihood.ode_log_likelihood(
+                rng, z, correlated_denoiser("v"), gamma_fn, parameterization="v", hutchinson=hutchinson, probe=probe
+            )
+        )
         for hutchinson, probe in [(False, "rademacher"), (True, "rademacher"), (True, "gaussian")]
     }
 
@@ -77,9 +85,11 @@ def test_dequantized_bits_per_dim_of_a_discretised_gaussian():
     """
     x = S * np.random.default_rng(1).standard_normal((8, 4))
     k = jnp.repeat(diffusion.decode(jnp.asarray(x), VOCAB_SIZE), 256, axis=0)
-    bpd, _ = jax.jit(lambda rng, k: likelihood.ode_bits_per_dim(
-        rng, k, optimal_denoiser(S), gamma_fn, vocab_size=VOCAB_SIZE, hutchinson=False))(
-        jax.random.PRNGKey(2), k)
+    bpd, _ = jax.jit(
+        lambda rng, k: likelihood.ode_bits_per_dim(
+            rng, k, optimal_denoiser(S), gamma_fn, vocab_size=VOCAB_SIZE, hutchinson=False
+        )
+    )(jax.random.PRNGKey(2), k)
     expected = discretised_gaussian_nats(k[::256], S**2 + np.exp(GAMMA_0)) / (4 * np.log(2.0))
     np.testing.assert_allclose(np.asarray(bpd).reshape(8, 256).mean(-1), expected, atol=2e-3)
     assert np.std(np.asarray(bpd)) > 1e-3  # u does move the estimate
@@ -89,15 +99,18 @@ def test_user_mistakes_raise():
     k = jnp.zeros((2, 3), jnp.int32)
     with pytest.raises(ValueError, match="vocab_size=1"):
         likelihood.ode_bits_per_dim(jax.random.PRNGKey(0), k, optimal_denoiser(S), gamma_fn, vocab_size=1)
-    with pytest.raises(ValueError, match="dequantization='gaussian' is not one of"):
-        likelihood.ode_bits_per_dim(jax.random.PRNGKey(0), k, optimal_denoiser(S), gamma_fn, vocab_size=5,
-                                    dequantization="gaussian")
+    with pytest.raises(ValueError, match="dequantization='gaussian': expected one of"):
+        likelihood.ode_bits_per_dim(
+            jax.random.PRNGKey(0), k, optimal_denoiser(S), gamma_fn, vocab_size=5, dequantization="gaussian"
+        )
     with pytest.raises(ValueError, match="probe='sphere'"):
-        likelihood.ode_log_likelihood(jax.random.PRNGKey(0), k.astype(jnp.float32), optimal_denoiser(S),
-                                      gamma_fn, probe="sphere")
+        likelihood.ode_log_likelihood(
+            jax.random.PRNGKey(0), k.astype(jnp.float32), optimal_denoiser(S), gamma_fn, probe="sphere"
+        )
     with pytest.raises(ValueError, match="parameterization='noise'"):
-        likelihood.ode_log_likelihood(jax.random.PRNGKey(0), k.astype(jnp.float32), optimal_denoiser(S),
-                                      gamma_fn, parameterization="noise")
+        likelihood.ode_log_likelihood(
+            jax.random.PRNGKey(0), k.astype(jnp.float32), optimal_denoiser(S), gamma_fn, parameterization="noise"
+        )
 
 
 def test_decoder_dequantized_bound_matches_an_independent_computation():
@@ -106,12 +119,15 @@ def test_decoder_dequantized_bound_matches_an_independent_computation():
     vocab, gamma_0 = 17, GAMMA_0
     k = diffusion.decode(jnp.asarray(S * np.random.default_rng(3).standard_normal((64, 4))), vocab)
     rng = jax.random.PRNGKey(5)
-    bpd, _ = jax.jit(lambda rng, k: likelihood.ode_bits_per_dim(
-        rng, k, optimal_denoiser(S), gamma_fn, vocab_size=vocab, dequantization="decoder", hutchinson=False))(
-        rng, k)
+    bpd, _ = jax.jit(
+        lambda rng, k: likelihood.ode_bits_per_dim(
+            rng, k, optimal_denoiser(S), gamma_fn, vocab_size=vocab, dequantization="decoder", hutchinson=False
+        )
+    )(rng, k)
     rng_dequantize, _ = jax.random.split(rng)
-    eps = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(rng_dequantize, b), (4,)), np.float64)
-                    for b in range(64)])
+    eps = np.stack(
+        [np.asarray(jax.random.normal(jax.random.fold_in(rng_dequantize, b), (4,)), np.float64) for b in range(64)]
+    )
     alpha2, sigma2 = 1 / (1 + np.exp(gamma_0)), 1 / (1 + np.exp(-gamma_0))
     x = 2 * (np.asarray(k, np.float64) + 0.5) / vocab - 1
     z_0 = np.sqrt(alpha2) * x + np.sqrt(sigma2) * eps
@@ -119,8 +135,8 @@ def test_decoder_dequantized_bound_matches_an_independent_computation():
     log_p = scipy.stats.norm.logpdf(z_0, 0, np.sqrt(alpha2 * S**2 + sigma2)).sum(-1)
     values = 2 * (np.arange(vocab) + 0.5) / vocab - 1
     log_decoder = scipy.stats.norm.logpdf(z_0[..., None], np.sqrt(alpha2) * values, np.sqrt(sigma2))
-    log_p_k = (np.take_along_axis(log_decoder, np.asarray(k)[..., None], -1)[..., 0]
-               - scipy.special.logsumexp(log_decoder, -1)).sum(-1)
+    log_p_k = (
+        np.take_along_axis(log_decoder, np.asarray(k)[..., None], -1)[..., 0] - scipy.special.logsumexp(log_decoder, -1)
+    ).sum(-1)
     expected = (-log_p_k - log_p + log_q) / (4 * np.log(2.0))
     np.testing.assert_allclose(bpd, expected, rtol=1e-3, atol=2e-3)
-

@@ -3,6 +3,7 @@
 There, a jitted sum over a product with a compile-time constant zero matrix comes out wrong,
 often NaN, in most fresh processes. 0.10.1 and 0.9.2 are correct; setup.py excludes 0.10.2.
 """
+
 import ast
 import pathlib
 import subprocess
@@ -21,8 +22,9 @@ print(repr(np.asarray(jax.jit(lambda c: (c @ jnp.zeros((128, 32))).sum(1))(c)).t
 
 def install_requires() -> list[str]:
     tree = ast.parse(SETUP.read_text())
-    call = next(node for node in ast.walk(tree) if isinstance(node, ast.Call)
-                and getattr(node.func, "id", None) == "setup")
+    call = next(
+        node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setup"
+    )
     keyword = next(k for k in call.keywords if k.arg == "install_requires")
     return ast.literal_eval(keyword.value)
 
@@ -37,8 +39,9 @@ def test_dependency_ranges_exclude_jaxlib_0_10_2():
 
 def test_sum_over_product_with_constant_zero_matrix_is_exact_in_a_fresh_process():
     for _ in range(2):  # the fault showed in most, not all, fresh processes
-        out = subprocess.run([sys.executable, "-c", REPRODUCTION], capture_output=True, text=True,
-                             check=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-c", REPRODUCTION], capture_output=True, text=True, check=True, timeout=300
+        )
         values = np.array(ast.literal_eval(out.stdout.strip().splitlines()[-1]))
         assert values.shape == (256,)
         assert np.all(values == 0.0), values[values != 0.0][:5]

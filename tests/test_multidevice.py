@@ -1,4 +1,5 @@
 """Data parallelism: on 8 fake CPU devices, jit over a mesh and jax.pmap give the step of 1 device."""
+
 import os
 import subprocess
 import sys
@@ -6,8 +7,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = r"""
 import functools, jax, numpy as np
-from test_vdm import model_config
-from ddm_jax.models.vdm import build_vdm
+from tiny_runs import tiny_model_config
+from ddm_jax.training.builders import build_vdm
 from ddm_jax.training.optimizer import make_optimizer
 from ddm_jax.training.sharding import (make_mesh, replicate, replicated, shard_batch, split_for_pmap,
                                       stack_for_pmap)
@@ -17,7 +18,7 @@ from configs import vdm_digits
 
 assert jax.device_count() == 8, jax.devices()
 config = vdm_digits.get_config()
-model = build_vdm(model_config(schedule="learned_monotone"), (8, 8, 1), 17)
+model = build_vdm(tiny_model_config(schedule="learned_monotone"), (8, 8, 1), 17)
 optimizer = make_optimizer(config.optimizer)
 params = model.init(jax.random.PRNGKey(0), (8, 8, 1))
 images = np.random.default_rng(0).integers(0, 17, (2, 16, 8, 8, 1))  # 2 substeps of a global batch of 16
@@ -42,9 +43,13 @@ print("identical up to float reassociation")
 
 
 def test_eight_devices_jit_and_pmap_take_the_same_step_as_one():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
-    result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "identical up to float reassociation" in result.stdout

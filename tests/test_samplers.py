@@ -5,54 +5,30 @@ C_t = U diag(v_t) U^T with v_t = alpha_t^2 l + sigma_t^2, the optimal denoiser i
 E[eps | z_t] = sigma_t C_t^-1 z_t, and the probability-flow ODE is linear:
 z_t = U diag(sqrt(v_t / v_1)) U^T z_1, the exact map every deterministic sampler approximates.
 """
+
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gaussian_data import (
+    EIGENVALUES,
+    GAMMA_0,
+    GAMMA_1,
+    MIXING,
+    correlated_denoiser,
+    exact_flow,
+    gamma_fn,
+    in_eigenbasis,
+    marginal_variances,
+)
 
 from ddm_jax import diffusion
-from ddm_jax.diffusion import samplers, schedules, time_grids
+from ddm_jax.diffusion import samplers, time_grids
 from ddm_jax.evaluation.frechet import feature_statistics, frechet_distance
 
-GAMMA_0, GAMMA_1 = -10.0, 8.0
-SCHEDULE = schedules.Cosine(GAMMA_0, GAMMA_1)  # nonlinear in t, so grids and gamma' are exercised
-MIXING = np.array([[1.0, 0.0, 0.0], [0.6, 0.5, 0.0], [-0.3, 0.4, 0.3]])
-COVARIANCE = MIXING @ MIXING.T
-EIGENVALUES, EIGENVECTORS = np.linalg.eigh(COVARIANCE)
 NUM_SAMPLES = 20_000
-
-
-def gamma_fn(t):
-    return SCHEDULE.apply({}, t)
-
-
-def correlated_denoiser(parameterization="eps"):
-    """The optimal prediction for x ~ N(0, COVARIANCE): eps_hat = sigma U diag(1 / v) U^T z."""
-    vectors = jnp.asarray(EIGENVECTORS, jnp.float32)
-    values = jnp.asarray(EIGENVALUES, jnp.float32)
-
-    def denoise_fn(z, gamma):
-        alpha, sigma = diffusion.alpha_sigma(gamma[:, None])
-        eps = sigma * ((z @ vectors) / (alpha**2 * values + sigma**2)) @ vectors.T
-        return diffusion.from_eps(eps, z, gamma, parameterization)
-
-    return denoise_fn
-
-
-def marginal_variances(gamma):
-    """v = alpha^2 l + sigma^2 along the eigenvectors of Sigma (float64)."""
-    alpha2 = 1.0 / (1.0 + np.exp(gamma))
-    return alpha2 * EIGENVALUES + 1.0 - alpha2
-
-
-def in_eigenbasis(diagonal):
-    return (EIGENVECTORS * diagonal) @ EIGENVECTORS.T
-
-
-def exact_flow(z_1, gamma):
-    """The PF-ODE solution at gamma started from z_1 at gamma(1): U diag(sqrt(v / v_1)) U^T z_1."""
-    return np.asarray(z_1, np.float64) @ in_eigenbasis(np.sqrt(marginal_variances(gamma)
-                                                               / marginal_variances(GAMMA_1)))
 
 
 def cosine_inverse(gamma):
@@ -78,6 +54,7 @@ def rms(a, b):
 
 
 # Time grids --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", time_grids.GRIDS)
 @pytest.mark.parametrize("steps", [1, 7, 50])
@@ -133,12 +110,15 @@ def test_samples_and_their_x0_predictions_have_the_data_moments(case):
     name, settings = case.split("_eta")[0], dict(SAMPLER_CASES[case])
     parameterization = settings.pop("parameterization", "eps")
     denoise_fn = correlated_denoiser(parameterization)
-    z_0 = jax.jit(lambda rng: samplers.sample(name, rng, denoise_fn, gamma_fn, (NUM_SAMPLES, 3),
-                                              parameterization=parameterization, **settings))(
-        jax.random.PRNGKey(0))
+    z_0, info = jax.jit(
+        lambda rng: samplers.sample(
+            name, rng, denoise_fn, gamma_fn, (NUM_SAMPLES, 3), parameterization=parameterization, **settings
+        )
+    )(jax.random.PRNGKey(0))
     if name == "ode":
-        z_0, nfe = z_0
-        assert 20 < int(nfe) < 1000
+        assert 20 < int(info["nfe"]) < 1000
+    else:
+        assert int(info["nfe"]) == settings["steps"]
     assert_moments(z_0, in_eigenbasis(marginal_variances(GAMMA_0)))
     gamma_0 = jnp.full((NUM_SAMPLES,), GAMMA_0)
     x_hat = diffusion.x0_from_eps(correlated_denoiser()(z_0, gamma_0), z_0, gamma_0)
@@ -148,9 +128,11 @@ def test_samples_and_their_x0_predictions_have_the_data_moments(case):
 
 def test_ddim_with_eta_1_is_ancestral_sampling():
     """The same noise draws give the same path: eta = 1 has the ancestral mean and variance."""
-    run = lambda name, **settings: jax.jit(lambda rng: samplers.sample(
-        name, rng, correlated_denoiser(), gamma_fn, (512, 3), steps=40, grid="log_snr", **settings))(
-        jax.random.PRNGKey(7))
+    run = lambda name, **settings: jax.jit(
+        lambda rng: samplers.sample(
+            name, rng, correlated_denoiser(), gamma_fn, (512, 3), steps=40, grid="log_snr", **settings
+        )
+    )(jax.random.PRNGKey(7))[0]
     ancestral, ddim = run("ancestral"), run("ddim", eta=1.0)
     np.testing.assert_allclose(ddim, ancestral, rtol=1e-4, atol=1e-5)
     assert rms(run("ddim", eta=0.5), ancestral) > 0.1
@@ -162,8 +144,11 @@ def noise_z_1():
 
 
 def deterministic_path_error(name, steps, z_1, grid="edm"):
-    z_0 = jax.jit(lambda z: samplers.sample(name, jax.random.PRNGKey(0), correlated_denoiser(), gamma_fn,
-                                            z.shape, steps=steps, grid=grid, z_1=z))(z_1)
+    z_0, _ = jax.jit(
+        lambda z: samplers.sample(
+            name, jax.random.PRNGKey(0), correlated_denoiser(), gamma_fn, z.shape, steps=steps, grid=grid, z_1=z
+        )
+    )(z_1)
     return rms(z_0, exact_flow(z_1, GAMMA_0)), z_0
 
 
@@ -211,33 +196,51 @@ def test_dpm_solver_pp_is_algorithm_2_of_the_paper(noise_z_1):
 
 def test_dpm_solver_pp_with_20_steps_is_closer_in_frechet_distance_than_with_5(noise_z_1):
     exact = feature_statistics(exact_flow(noise_z_1, GAMMA_0))
-    distance = {steps: frechet_distance(*feature_statistics(
-        deterministic_path_error("dpm_solver_pp", steps, noise_z_1)[1]), *exact) for steps in (5, 20)}
+    distance = {
+        steps: frechet_distance(
+            *feature_statistics(deterministic_path_error("dpm_solver_pp", steps, noise_z_1)[1]), *exact
+        )
+        for steps in (5, 20)
+    }
     assert distance[20] < distance[5] / 5, distance
 
 
 def test_ode_trajectory_follows_the_exact_flow_on_its_grid(noise_z_1):
-    z_0, trajectory, nfe = jax.jit(lambda z: samplers.ode_sample(
-        None, correlated_denoiser(), gamma_fn, z.shape, steps=6, grid="log_snr", return_trajectory=True,
-        z_1=z))(noise_z_1)
+    z_0, info = jax.jit(
+        lambda z: samplers.ode_sample(
+            None, correlated_denoiser(), gamma_fn, z.shape, steps=6, grid="log_snr", return_trajectory=True, z_1=z
+        )
+    )(noise_z_1)
+    trajectory = info["trajectory"]
     assert trajectory.shape == (7, *noise_z_1.shape)
     gammas = np.linspace(GAMMA_1, GAMMA_0, 7)
-    for row, gamma in zip(np.asarray(trajectory), gammas):
+    for row, gamma in zip(np.asarray(trajectory), gammas, strict=True):
         assert rms(row, exact_flow(noise_z_1, gamma)) < 1e-3
     np.testing.assert_array_equal(trajectory[-1], z_0)
 
 
 @pytest.mark.parametrize("name", ["ancestral", "ddim", "dpm_solver_pp"])
 def test_trajectories_run_from_z_1_to_z_0(name, noise_z_1):
-    z_0, trajectory = jax.jit(lambda z: samplers.sample(
-        name, jax.random.PRNGKey(2), correlated_denoiser(), gamma_fn, z.shape, steps=5, z_1=z,
-        return_trajectory=True))(noise_z_1)
+    z_0, info = jax.jit(
+        lambda z: samplers.sample(
+            name,
+            jax.random.PRNGKey(2),
+            correlated_denoiser(),
+            gamma_fn,
+            z.shape,
+            steps=5,
+            z_1=z,
+            return_trajectory=True,
+        )
+    )(noise_z_1)
+    trajectory = info["trajectory"]
     assert trajectory.shape == (6, *noise_z_1.shape)
     np.testing.assert_array_equal(trajectory[0], noise_z_1)
     np.testing.assert_array_equal(trajectory[-1], z_0)
 
 
 # DDIM inversion ----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def data_z_0():
@@ -248,10 +251,18 @@ def data_z_0():
 
 def invert_and_reconstruct(z_0, steps, fixed_point_iterations=0):
     def run(z_0):
-        z_1 = samplers.ddim_invert(correlated_denoiser(), gamma_fn, z_0, steps=steps, grid="log_snr",
-                                   fixed_point_iterations=fixed_point_iterations)
-        return z_1, samplers.ddim_sample(None, correlated_denoiser(), gamma_fn, z_0.shape, steps=steps,
-                                         grid="log_snr", z_1=z_1)
+        z_1, _ = samplers.ddim_invert(
+            correlated_denoiser(),
+            gamma_fn,
+            z_0,
+            steps=steps,
+            grid="log_snr",
+            fixed_point_iterations=fixed_point_iterations,
+        )
+        return z_1, samplers.ddim_sample(
+            None, correlated_denoiser(), gamma_fn, z_0.shape, steps=steps, grid="log_snr", z_1=z_1
+        )[0]
+
     return jax.jit(run)(z_0)
 
 
@@ -275,41 +286,106 @@ def test_first_order_ddim_inversion_error_shrinks_linearly_in_steps(data_z_0):
     assert errors[400] < 0.015, errors
     # Inversion alone approximates the exact flow run forward: z_1 = U diag(sqrt(v_1 / v_0)) U^T z_0.
     forward = np.asarray(data_z_0, np.float64) @ in_eigenbasis(
-        np.sqrt(marginal_variances(GAMMA_1) / marginal_variances(GAMMA_0)))
+        np.sqrt(marginal_variances(GAMMA_1) / marginal_variances(GAMMA_0))
+    )
     assert rms(z_1, forward) < 0.01
 
 
 def test_ddim_inversion_trajectory_runs_from_z_0_to_z_1(data_z_0):
-    z_1, trajectory = samplers.ddim_invert(correlated_denoiser(), gamma_fn, data_z_0[:8], steps=3,
-                                           return_trajectory=True)
-    assert trajectory.shape == (4, 8, 3)
+    z_1, info = samplers.ddim_invert(
+        correlated_denoiser(), gamma_fn, data_z_0[:8], steps=3, return_trajectory=True, fixed_point_iterations=2
+    )
+    trajectory = info["trajectory"]
+    assert trajectory.shape == (4, 8, 3) and int(info["nfe"]) == 3 * (1 + 2)
     np.testing.assert_array_equal(trajectory[0], data_z_0[:8])
     np.testing.assert_array_equal(trajectory[-1], z_1)
 
 
 # User mistakes -----------------------------------------------------------------------------------
 
+
 def never_called(z, gamma):
     raise AssertionError("the denoiser ran: the error came after tracing")
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: samplers.sample("euler", None, never_called, gamma_fn, (2, 3), steps=10),
-     r"sampler='euler' is not one of \('ancestral', 'ddim', 'dpm_solver_pp', 'ode'\)"),
-    (lambda: samplers.sample("ddim", None, never_called, gamma_fn, (2, 3), steps=0), "steps=0"),
-    (lambda: samplers.sample("ancestral", None, never_called, gamma_fn, (2, 3), steps=-1), "T=-1"),
-    (lambda: samplers.sample("ode", None, never_called, gamma_fn, (2, 3), steps=2.5), "steps=2.5"),
-    (lambda: samplers.sample("ddim", None, never_called, gamma_fn, (2, 3), steps=10, eta=1.5),
-     r"eta=1.5 must be in \[0, 1\]"),
-    (lambda: samplers.sample("ddim", None, never_called, gamma_fn, (2, 3), steps=10, eta=-0.1), "eta=-0.1"),
-    (lambda: samplers.sample("dpm_solver_pp", None, never_called, gamma_fn, (2, 3), steps=10, grid="cos"),
-     "grid='cos'"),
-    (lambda: samplers.sample("ddim", None, never_called, gamma_fn, (2, 3), steps=10, parameterization="y"),
-     "parameterization='y'"),
-    (lambda: samplers.ddim_invert(never_called, gamma_fn, jnp.zeros((2, 3)), steps=0), "steps=0"),
-    (lambda: samplers.ddim_invert(never_called, gamma_fn, jnp.zeros((2, 3)), steps=4, fixed_point_iterations=-1),
-     "fixed_point_iterations=-1"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda: samplers.sample("euler", None, never_called, gamma_fn, (2, 3), steps=10),
+            r"sampler='euler': expected one of \('ancestral', 'ddim', 'dpm_solver_pp', 'ode'\)",
+        ),
+        (lambda: samplers.sample("ddim", None, never_called, gamma_fn, (2, 3), steps=0), "steps=0"),
+        (lambda: samplers.sample("ancestral", None, never_called, gamma_fn, (2, 3), steps=-1), "steps=-1"),
+        (
+            lambda: samplers.sample("ancestral", None, never_called, gamma_fn, (2, 3), steps=4, eta=0.5),
+            r"eta=0.5: expected a setting of sampler 'ancestral'",
+        ),
+        (lambda: samplers.sample("ode", None, never_called, gamma_fn, (2, 3), steps=2.5), "steps=2.5"),
+        (
+            lambda: samplers.sample("ddim", None, never_called, gamma_fn, (2, 3), steps=10, eta=1.5),
+            r"eta=1.5: expected a number in \[0.0, 1.0\]",
+        ),
+        (lambda: samplers.sample("ddim", None, never_called, gamma_fn, (2, 3), steps=10, eta=-0.1), "eta=-0.1"),
+        (
+            lambda: samplers.sample("dpm_solver_pp", None, never_called, gamma_fn, (2, 3), steps=10, grid="cos"),
+            "grid='cos'",
+        ),
+        (
+            lambda: samplers.sample("ddim", None, never_called, gamma_fn, (2, 3), steps=10, parameterization="y"),
+            "parameterization='y'",
+        ),
+        (lambda: samplers.ddim_invert(never_called, gamma_fn, jnp.zeros((2, 3)), steps=0), "steps=0"),
+        (
+            lambda: samplers.ddim_invert(never_called, gamma_fn, jnp.zeros((2, 3)), steps=4, fixed_point_iterations=-1),
+            "fixed_point_iterations=-1",
+        ),
+    ],
+)
 def test_user_mistakes_raise_before_tracing(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# One interface ------------------------------------------------------------------------------------
+
+SHARED_SETTINGS = {"steps": inspect.Parameter.empty, "parameterization": "eps", "grid": "uniform", "z_1": None}
+
+
+@pytest.mark.parametrize("name", list(samplers.SAMPLERS))
+def test_every_sampler_has_the_shared_signature(name):
+    parameters = inspect.signature(samplers.SAMPLERS[name]).parameters
+    assert list(parameters)[:4] == ["rng", "denoise_fn", "gamma_fn", "shape"]
+    for setting, default in {**SHARED_SETTINGS, "return_trajectory": False}.items():
+        assert parameters[setting].kind is inspect.Parameter.KEYWORD_ONLY, setting
+        assert parameters[setting].default is default, setting
+
+
+@pytest.mark.parametrize("return_trajectory", [False, True])
+@pytest.mark.parametrize("name", list(samplers.SAMPLERS))
+def test_every_sampler_returns_z_0_and_info_with_its_nfe(name, return_trajectory):
+    calls = []
+
+    def counting_denoiser(z, gamma):
+        calls.append(None)  # counted at trace time: once per network evaluation in the traced program
+        return correlated_denoiser()(z, gamma)
+
+    z_0, info = samplers.sample(
+        name,
+        jax.random.PRNGKey(0),
+        correlated_denoiser(),
+        gamma_fn,
+        (16, 3),
+        steps=4,
+        return_trajectory=return_trajectory,
+    )
+    assert z_0.shape == (16, 3) and z_0.dtype == jnp.float32
+    assert set(info) == ({"nfe", "trajectory"} if return_trajectory else {"nfe"})
+    assert info["nfe"].dtype == jnp.int32 and info["nfe"].shape == ()
+    if name != "ode":  # fixed-step samplers: one network call per step, traced once inside the scan
+        assert int(info["nfe"]) == 4
+        samplers.sample(name, jax.random.PRNGKey(0), counting_denoiser, gamma_fn, (16, 3), steps=4)
+        assert len(calls) == 1
+    if return_trajectory:
+        np.testing.assert_array_equal(info["trajectory"][-1], z_0)
+        assert info["trajectory"].shape == (5, 16, 3)

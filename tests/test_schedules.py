@@ -1,4 +1,7 @@
 """Noise schedules: strictly increasing, endpoints exact, DDPM's betas reproduced."""
+
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +19,9 @@ def gamma_and_slope(schedule, variables, t=T_GRID):
 def randomised(variables, seed, scale=3.0):
     leaves, treedef = jax.tree.flatten(variables)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    return treedef.unflatten([l + scale * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+    return treedef.unflatten(
+        [leaf + scale * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys, strict=True)]
+    )
 
 
 @pytest.mark.parametrize("name", ["fixed_linear", "cosine"])
@@ -62,7 +67,7 @@ def test_ddpm_schedule_reproduces_alphabar_on_its_grid():
     num_betas = 1000
     betas = np.linspace(1e-4, 0.02, num_betas)
     alphabar = np.cumprod(1 - betas)
-    schedule = schedules.DDPMLinear(num_betas=num_betas)
+    schedule = schedules.build_schedule("ddpm_linear", num_betas=num_betas)
     t = jnp.arange(num_betas) / (num_betas - 1)
     gamma = schedule.apply({}, t)
     np.testing.assert_allclose(gamma, np.log((1 - alphabar) / alphabar), rtol=2e-4, atol=1e-3)
@@ -71,7 +76,46 @@ def test_ddpm_schedule_reproduces_alphabar_on_its_grid():
 
 
 def test_build_schedule_refuses_unknown_name_and_inverted_range():
-    with pytest.raises(ValueError, match="model.schedule='sqrt'"):
+    with pytest.raises(ValueError, match="schedule='sqrt': expected one of"):
         schedules.build_schedule("sqrt")
-    with pytest.raises(ValueError, match="model.gamma_min=5.0 must be below model.gamma_max=-13.3"):
+    with pytest.raises(ValueError, match=re.escape("gamma_max=-13.3: expected a value above gamma_min=5.0")):
         schedules.build_schedule("fixed_linear", gamma_min=5.0, gamma_max=-13.3)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(beta_start=0.5, beta_end=2.0), "beta_end=2.0: expected a number in (0.5, 1.0)"),
+        (dict(beta_start=0.0, beta_end=0.02), "beta_start=0.0: expected a number in (0.0, 1.0)"),
+        (dict(beta_start=0.02, beta_end=0.01), "beta_end=0.01: expected a number in (0.02, 1.0)"),
+        (dict(num_betas=1), "num_betas=1: expected an integer >= 2"),
+        (dict(kind="cosine"), "kind='cosine': expected one of ('linear', 'scaled_linear')"),
+    ],
+)
+def test_beta_schedules_refuse_betas_outside_the_unit_interval_or_not_increasing(settings, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        schedules.DiscreteBetas(**settings)
+
+
+def test_monotone_schedule_refuses_zero_features():
+    with pytest.raises(ValueError, match=re.escape("n_features=0: expected an integer >= 1")):
+        schedules.LearnedMonotone(n_features=0)
+
+
+def test_scaled_linear_is_stable_diffusions_schedule():
+    """SD's betas: linspace(sqrt(0.00085), sqrt(0.012), 1000)^2; gamma(n / 999) = log((1 - ab_n) / ab_n)."""
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+    alphabar = np.cumprod(1.0 - betas)
+    schedule = schedules.build_schedule("scaled_linear", num_betas=1000)
+    timesteps = np.array([0, 1, 250, 500, 981, 999])
+    gamma = schedule.apply({}, jnp.asarray(timesteps / 999.0, jnp.float32))
+    np.testing.assert_allclose(gamma, np.log((1 - alphabar[timesteps]) / alphabar[timesteps]), rtol=1e-4, atol=1e-4)
+
+
+def test_schedules_take_python_scalars_and_gamma_endpoints_agree():
+    schedule = schedules.LearnedMonotone(-13.3, 5.0, n_features=8)
+    variables = schedule.init(jax.random.PRNGKey(0), jnp.zeros((1,)))
+    gamma_fn = lambda t: schedule.apply(variables, t)
+    gamma_0, gamma_1 = schedules.gamma_endpoints(gamma_fn)
+    np.testing.assert_allclose([gamma_fn(0.0), gamma_fn(1.0)], [gamma_0, gamma_1], rtol=1e-6)
+    np.testing.assert_allclose([gamma_0, gamma_1], [-13.3, 5.0], rtol=1e-5)

@@ -1,4 +1,5 @@
 """Optimizer, train state, checkpoints, device mesh and image output."""
+
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from ddm_jax.evaluation.images import image_grid, save_png, to_uint8
+from ddm_jax.evaluation.images import image_grid, sample_grid, save_png, to_uint8, upscale_nearest
 from ddm_jax.training.checkpoints import CheckpointStore, make_fingerprint
 from ddm_jax.training.optimizer import learning_rate_fn, make_optimizer
 from ddm_jax.training.sharding import batch_sharded, make_mesh, replicate, replicated, shard_batch
@@ -23,13 +24,15 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def optimizer_config(**overrides) -> ml_collections.ConfigDict:
-    cfg = ml_collections.ConfigDict(dict(
-        lr=0.1, warmup_steps=0, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip_norm=0.0))
+    cfg = ml_collections.ConfigDict(
+        dict(lr=0.1, warmup_steps=0, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip_norm=0.0)
+    )
     cfg.update(overrides)
     return cfg
 
 
 # ----------------------------------------------------------------------------- optimizer
+
 
 def test_learning_rate_warmup_then_constant():
     schedule = learning_rate_fn(optimizer_config(lr=1e-3, warmup_steps=4))
@@ -38,7 +41,7 @@ def test_learning_rate_warmup_then_constant():
 
 
 def test_learning_rate_warmup_then_cosine():
-    cfg = optimizer_config(lr=2.0, warmup_steps=2, schedule="cosine", decay_steps=10)
+    cfg = optimizer_config(lr=2.0, warmup_steps=2, lr_schedule="cosine", decay_steps=10)
     schedule = learning_rate_fn(cfg)
     for step, expected in [(1, 1.0), (2, 2.0), (4, 1.0 + np.cos(np.pi / 4)), (6, 1.0), (10, 0.0), (50, 0.0)]:
         np.testing.assert_allclose(schedule(step), expected, rtol=1e-6, atol=1e-6)
@@ -105,22 +108,26 @@ def test_gradient_clipping_engages_above_the_limit():
     np.testing.assert_allclose(loose, unclipped, rtol=1e-5)
 
 
-@pytest.mark.parametrize("field, overrides", [
-    ("lr", dict(lr=0.0)),
-    ("warmup_steps", dict(warmup_steps=-1)),
-    ("b1", dict(b1=1.0)),
-    ("b2", dict(b2=-0.1)),
-    ("weight_decay", dict(weight_decay=-1e-4)),
-    ("grad_clip_norm", dict(grad_clip_norm=-1.0)),
-    ("schedule", dict(schedule="linear")),
-    ("decay_steps", dict(schedule="cosine", warmup_steps=10, decay_steps=10)),
-])
+@pytest.mark.parametrize(
+    "field, overrides",
+    [
+        ("lr", dict(lr=0.0)),
+        ("warmup_steps", dict(warmup_steps=-1)),
+        ("b1", dict(b1=1.0)),
+        ("b2", dict(b2=-0.1)),
+        ("weight_decay", dict(weight_decay=-1e-4)),
+        ("grad_clip_norm", dict(grad_clip_norm=-1.0)),
+        ("lr_schedule", dict(lr_schedule="linear")),
+        ("decay_steps", dict(lr_schedule="cosine", warmup_steps=10, decay_steps=10)),
+    ],
+)
 def test_bad_optimizer_fields_raise_naming_the_field(field, overrides):
     with pytest.raises(ValueError, match=rf"optimizer\.{field}\b"):
         make_optimizer(optimizer_config(**overrides))
 
 
 # ----------------------------------------------------------------------------- train state
+
 
 def test_ema_matches_closed_form_for_constant_params():
     ema0 = {"w": jnp.array([1.0, -2.0, 0.0])}
@@ -144,7 +151,8 @@ def test_apply_updates_steps_params_ema_and_counter():
     # Under pmap (leading device axis of size 1) the update is the same as under jit.
     add_device_axis = lambda tree: jax.tree.map(lambda x: x[None], tree)
     pmapped = jax.pmap(apply_updates, static_broadcasted_argnums=(2, 3))(
-        add_device_axis(state), add_device_axis(grads), optimizer, 0.5)
+        add_device_axis(state), add_device_axis(grads), optimizer, 0.5
+    )
     state = jax.jit(apply_updates, static_argnums=2)(state, grads, optimizer, 0.5)
     assert_trees_equal(jax.tree.map(lambda x: x[0], pmapped), state)
     new_params = np.array([1.0, 2.0]) - 0.1 * np.array([0.5, -1.0])
@@ -155,9 +163,14 @@ def test_apply_updates_steps_params_ema_and_counter():
 
 # ----------------------------------------------------------------------------- checkpoints
 
+
 def tiny_params(features: int = 2):
-    return {"dense": {"kernel": jnp.arange(3 * features, dtype=jnp.float32).reshape(3, features),
-                      "bias": jnp.zeros((features,), jnp.float32)}}
+    return {
+        "dense": {
+            "kernel": jnp.arange(3 * features, dtype=jnp.float32).reshape(3, features),
+            "bias": jnp.zeros((features,), jnp.float32),
+        }
+    }
 
 
 def trained_state(n_steps: int, features: int = 2):
@@ -176,24 +189,27 @@ def fingerprint(n_layers: int = 4, features: int = 2):
 
 def assert_trees_equal(a, b):
     assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         assert np.asarray(x).dtype == np.asarray(y).dtype
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def directory_snapshot(root):
     return sorted(
-        (os.path.relpath(os.path.join(d, f), root), os.stat(os.path.join(d, f)).st_size,
-         os.stat(os.path.join(d, f)).st_mtime_ns)
-        for d, _, files in os.walk(root) for f in files) + sorted(
-        os.path.relpath(d, root) for d, _, _ in os.walk(root))
+        (
+            os.path.relpath(os.path.join(d, f), root),
+            os.stat(os.path.join(d, f)).st_size,
+            os.stat(os.path.join(d, f)).st_mtime_ns,
+        )
+        for d, _, files in os.walk(root)
+        for f in files
+    ) + sorted(os.path.relpath(d, root) for d, _, _ in os.walk(root))
 
 
 def test_checkpoints_save_every_n_keep_n_and_restore_exactly(tmp_path):
     states = [trained_state(i) for i in range(6)]
-    with CheckpointStore(tmp_path / "ckpt", fingerprint=fingerprint(), max_to_keep=2,
-                         save_interval_steps=2) as store:
-        saved = [store.save(i, s, extra={"data_position": 10 * i}) for i, s in enumerate(states)]
+    with CheckpointStore(tmp_path / "ckpt", fingerprint=fingerprint(), max_to_keep=2, save_interval_steps=2) as store:
+        saved = [store.save(i, s) for i, s in enumerate(states)]
         store.wait_until_finished()
         assert saved == [True, False, True, False, True, False]
         assert store.all_steps() == [2, 4] and store.latest_step() == 4
@@ -204,7 +220,6 @@ def test_checkpoints_save_every_n_keep_n_and_restore_exactly(tmp_path):
         target = trained_state(0)
         for step in (4, 5):
             assert_trees_equal(store.restore(step, target), states[step])
-        assert store.restore_extra(4) == {"data_position": 40}
         with pytest.raises(ValueError, match=r"no step 2; expected one of \[4, 5\]"):
             store.restore(2, target)
 
@@ -252,11 +267,12 @@ def test_checkpoints_without_fingerprint_are_refused(tmp_path, composite):
 
 
 def test_non_json_fingerprint_raises(tmp_path):
-    with pytest.raises(ValueError, match="fingerprint holds .*expected only JSON values"):
+    with pytest.raises(ValueError, match="fingerprint=.*: expected only JSON values"):
         CheckpointStore(tmp_path, fingerprint={"model": {"dtype": jnp.float32}})
 
 
 # ----------------------------------------------------------------------------- sharding
+
 
 def test_shard_batch_on_available_devices():
     mesh = make_mesh()
@@ -293,14 +309,15 @@ def test_four_fake_devices_split_the_batch_and_check_divisibility():
             np.testing.assert_array_equal(np.asarray(shard.data), np.arange(3.0))
         print("OK")
     """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               PYTHONPATH=REPO_ROOT)
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                            timeout=300)
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT
+    )
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "OK", result.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------- images
+
 
 def test_image_grid_places_images_row_by_row():
     rng = np.random.default_rng(0)
@@ -336,3 +353,14 @@ def test_to_uint8_spans_0_to_255():
         np.testing.assert_array_equal(to_uint8(k, vocab_size), want)
     with pytest.raises(ValueError, match="vocab_size = 4"):
         to_uint8(np.array([0, 4]), 4)
+
+
+def test_sample_grids_are_scaled_up_by_an_integer_factor_towards_256_pixels():
+    k = np.random.default_rng(0).integers(0, 17, (64, 8, 8, 1))
+    small = image_grid(to_uint8(k, 17))  # 8 x 8 cells of 8 + 1 pixels, plus the border: 73 pixels
+    large = sample_grid(k, 17)
+    factor = round(256 / 73)
+    assert small.shape == (73, 73, 1) and large.shape == (73 * factor, 73 * factor, 1)
+    np.testing.assert_array_equal(large[::factor, ::factor], small)  # nearest neighbour: every value repeated
+    np.testing.assert_array_equal(large[factor - 1 :: factor, factor - 1 :: factor], small)
+    assert upscale_nearest(np.zeros((300, 20, 3), np.uint8)).shape == (300, 20, 3)  # already large: kept

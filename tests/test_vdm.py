@@ -1,15 +1,20 @@
 """The VDM model: its gradients, including the variance-minimising schedule update."""
+
+import re
+
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 from flax import linen as nn
-
-from ddm_jax.diffusion import SHAPE_PARAMS, bits_per_dim, schedules
-from ddm_jax.models.vdm import VDM, build_vdm
 from gaussian_data import optimal_eps
+from tiny_runs import tiny_model_config
+
+from ddm_jax import diffusion
+from ddm_jax.diffusion import SHAPE_PARAMS, bits_per_dim, schedules
+from ddm_jax.models.vdm import VDM
+from ddm_jax.training.builders import build_vdm
 
 S = 0.5
 VOCAB = 256
@@ -59,14 +64,16 @@ def test_value_and_grad_gives_elbo_gradients_and_variance_gradient_for_the_shape
     elbo_grads = jax.grad(mean_bpd)(params)
     variance_grads = jax.grad(mean_squared_diffusion_bpd)(params)
     np.testing.assert_allclose(loss, mean_bpd(params), rtol=1e-5)
-    for got, want in [(grads["network"], elbo_grads["network"]),
-                      (grads["schedule"]["endpoints"], elbo_grads["schedule"]["endpoints"]),
-                      (grads["schedule"][SHAPE_PARAMS], variance_grads["schedule"][SHAPE_PARAMS])]:
+    for got, want in [
+        (grads["network"], elbo_grads["network"]),
+        (grads["schedule"]["endpoints"], elbo_grads["schedule"]["endpoints"]),
+        (grads["schedule"][SHAPE_PARAMS], variance_grads["schedule"][SHAPE_PARAMS]),
+    ]:
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-6), got, want)
     # The shape's ELBO gradient would be a different (and, in expectation, zero) direction.
     shape_elbo = jax.tree.leaves(elbo_grads["schedule"][SHAPE_PARAMS])
     shape_var = jax.tree.leaves(grads["schedule"][SHAPE_PARAMS])
-    assert not all(np.allclose(a, b) for a, b in zip(shape_elbo, shape_var))
+    assert not all(np.allclose(a, b) for a, b in zip(shape_elbo, shape_var, strict=True))
 
 
 def test_variance_gradient_lowers_the_variance_of_the_diffusion_loss():
@@ -97,46 +104,93 @@ def test_variance_gradient_lowers_the_variance_of_the_diffusion_loss():
     assert abs(after.mean() - before.mean()) < 4 * standard_error
 
 
-def model_config(**overrides):
-    cfg = ml_collections.ConfigDict(dict(
-        schedule="fixed_linear", gamma_min=-13.3, gamma_max=5.0, learn_endpoints=True,
-        schedule_features=16, ddpm_betas=(1e-4, 0.02), T=0, parameterization="eps", loss="elbo",
-        antithetic_time_sampling=True, network="score_net",
-        score_net=dict(embedding_dim=8, n_layers=1, dropout=0.0, with_fourier_features=False),
-        unet=dict(ch=8, ch_mult=(1, 2, 2, 2, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0)))
-    cfg.update(overrides)
-    return cfg
-
-
-@pytest.mark.parametrize("overrides, message", [
-    (dict(schedule="sqrt"), "model.schedule='sqrt' is not one of"),
-    (dict(network="mlp"), "model.network='mlp' is not one of"),
-    (dict(gamma_min=5.0, gamma_max=-13.3), "model.gamma_min=5.0 must be below model.gamma_max=-13.3"),
-    (dict(network="unet"), "divisible by 16"),
-    (dict(loss="simple", schedule="learned_monotone"), "model.loss='simple' gives a learned schedule"),
-    (dict(parameterization="noise"), "model.parameterization='noise'"),
-    (dict(schedule="ddpm_linear", T=0), "model.schedule='ddpm_linear' needs model.T >= 1"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(schedule="sqrt"), "model.schedule='sqrt': expected one of"),
+        (dict(network="mlp"), "model.network='mlp': expected one of"),
+        (dict(gamma_min=5.0, gamma_max=-13.3), "model.gamma_max=-13.3: expected a value above gamma_min=5.0"),
+        (dict(network="unet"), "model.unet.ch_mult=(1, 2, 2, 2, 2): expected at most as many levels"),
+        (dict(weighting="simple", schedule="learned_monotone"), "model.weighting='simple': expected 'elbo' with"),
+        (dict(parameterization="noise"), "model.parameterization='noise': expected one of"),
+        (dict(schedule="ddpm_linear", T=0), "model.T=0: expected an integer >= 1 for schedule='ddpm_linear'"),
+        (dict(schedule="ddpm_linear", T=10, ddpm_betas=(0.5, 2.0)), "model.ddpm_betas=2.0: expected a number in"),
+        (dict(schedule="learned_monotone", schedule_features=0), "model.schedule_features=0: expected an integer >= 1"),
+        (dict(T=-1), "model.T=-1: expected an integer >= 0"),
+        (dict(score_net=dict(embedding_dim=2)), "model.score_net.embedding_dim=2: expected an integer >= 4"),
+        (dict(score_net=dict(embeding_dim=8)), "model.score_net.embeding_dim=8: expected a field of model.score_net"),
+    ],
+)
 def test_build_vdm_refuses_bad_config_naming_the_field(overrides, message):
-    with pytest.raises(ValueError, match=message):
-        build_vdm(model_config(**overrides), (8, 8, 1), 17)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_vdm(tiny_model_config(**overrides), (8, 8, 1), 17)
 
 
 def test_sample_returns_integers_in_the_vocabulary():
-    model = build_vdm(model_config(), IMAGE_SHAPE, 17)
+    model = build_vdm(tiny_model_config(), IMAGE_SHAPE, 17)
     params = model.init(jax.random.PRNGKey(0), IMAGE_SHAPE)
-    k = model.sample(params, jax.random.PRNGKey(1), 3, IMAGE_SHAPE, steps=4)
-    assert k.shape == (3, *IMAGE_SHAPE) and k.min() >= 0 and k.max() < 17
+    k, info = model.sample(params, jax.random.PRNGKey(1), 3, IMAGE_SHAPE, steps=4)
+    assert k.shape == (3, *IMAGE_SHAPE) and k.min() >= 0 and k.max() < 17 and int(info["nfe"]) == 4
 
 
 def test_terms_of_shards_over_a_named_axis_equal_the_whole_batch():
     """What pmap does with axis_name, checked with vmap over the same axis: 4 shards of 2 examples
     get the terms of the batch of 8 (the same t and noise per example)."""
-    model = build_vdm(model_config(schedule="learned_monotone"), IMAGE_SHAPE, VOCAB)
+    model = build_vdm(tiny_model_config(schedule="learned_monotone"), IMAGE_SHAPE, VOCAB)
     params = model.init(jax.random.PRNGKey(0), IMAGE_SHAPE)
     k, rng = gaussian_integers(3, 8), jax.random.PRNGKey(4)
     whole = model.elbo_terms(params, rng, k)
     shards = jax.vmap(lambda shard: model.elbo_terms(params, rng, shard, axis_name="d"), axis_name="d")(
-        k.reshape(4, 2, *IMAGE_SHAPE))
+        k.reshape(4, 2, *IMAGE_SHAPE)
+    )
     for name in ("reconstruction", "prior", "diffusion", "bpd"):
         np.testing.assert_allclose(shards[name].reshape(8), whole[name], rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("T", [0, 10])
+def test_elbo_terms_are_the_three_public_terms(T):
+    """VDM.elbo_terms computes exactly reconstruction_loss + prior_loss + diffusion_loss of
+    ddm_jax.diffusion, with (rng_reconstruction, rng_diffusion, _) = split(rng, 3)."""
+    model = build_vdm(tiny_model_config(schedule="learned_monotone", T=T), IMAGE_SHAPE, VOCAB)
+    params = model.init(jax.random.PRNGKey(0), IMAGE_SHAPE)
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
+    k, rng = gaussian_integers(3, 8), jax.random.PRNGKey(4)
+    terms = jax.jit(model.elbo_terms)(params, rng, k)
+    rng_reconstruction, rng_diffusion, _ = jax.random.split(rng, 3)
+    gamma_fn = model.gamma_fn(params["schedule"])
+    gamma_0, gamma_1 = diffusion.gamma_endpoints(gamma_fn)
+    x = diffusion.encode(k, VOCAB)
+    public = {
+        "reconstruction": diffusion.reconstruction_loss(rng_reconstruction, k, gamma_0, vocab_size=VOCAB),
+        "prior": diffusion.prior_loss(x, gamma_1),
+        "diffusion": diffusion.diffusion_loss(
+            rng_diffusion, x, model.denoise_fn(params["network"]), gamma_fn, T=T, parameterization="eps"
+        ),
+    }
+    # atol: the reconstruction term at gamma_0 = -13.3 is a softmax of logits near 1e5, whose float32
+    # rounding differs between the two compiled programs by up to ~1e-4 nats.
+    for name, value in public.items():
+        np.testing.assert_allclose(terms[name], value, rtol=1e-5, atol=2e-4, err_msg=name)
+    total = sum(public.values()) / (NUM_DIMS * np.log(2.0))
+    np.testing.assert_allclose(terms["bpd"], total, rtol=1e-5, atol=2e-5)
+
+
+def test_simple_weighting_trains_the_network_on_l_simple():
+    """weighting="simple": the network's gradient is that of DDPM's L_simple (the reconstruction and
+    prior terms do not depend on it), and the reported diffusion term is sum ||eps - eps_hat||^2."""
+    model = build_vdm(tiny_model_config(weighting="simple", T=10), IMAGE_SHAPE, VOCAB)
+    params = model.init(jax.random.PRNGKey(0), IMAGE_SHAPE)
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
+    k, rng = gaussian_integers(3, 8), jax.random.PRNGKey(4)
+    (loss, terms), grads = jax.jit(model.value_and_grad)(params, rng, k)
+    _, rng_diffusion, rng_dropout = jax.random.split(rng, 3)
+    x = diffusion.encode(k, VOCAB)
+
+    def simple_loss(network_params):
+        denoise_fn = model.denoise_fn(network_params, train=True, rng=rng_dropout)
+        gamma_fn = model.gamma_fn(params["schedule"])
+        return diffusion.diffusion_loss(rng_diffusion, x, denoise_fn, gamma_fn, T=10, weighting="simple")
+
+    np.testing.assert_allclose(terms["diffusion"], simple_loss(params["network"]), rtol=1e-5)
+    l_simple_grads = jax.grad(lambda p: simple_loss(p).mean() / (NUM_DIMS * np.log(2.0)))(params["network"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), grads["network"], l_simple_grads)

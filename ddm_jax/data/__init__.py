@@ -1,11 +1,14 @@
 """TFDS datasets and the input pipeline.
 
-Importing this package registers the offline builders ("digits") with TFDS, so
-`tfds.load("digits", data_dir=...)` works without a network.
+Importing this package registers the offline builders ("digits", "fashion_mnist_debian",
+"shapes") with TFDS, so e.g. `tfds.load("digits", data_dir=...)` works without a network.
+docs/data.md describes the datasets, a user's own images ("folder:PATH", "npz:PATH") and the
+order of batches.
 """
 
 from ddm_jax.data.augment import AUGMENT_COND_DIM, augment_batch, check_augment, identity_cond
 from ddm_jax.data.digits import Digits
+from ddm_jax.data.fashion_mnist import FashionMnistDebian
 from ddm_jax.data.pipeline import (
     DatasetSpec,
     check_eval_split,
@@ -14,11 +17,14 @@ from ddm_jax.data.pipeline import (
     load_split,
     train_batches,
 )
+from ddm_jax.data.shapes import Shapes
 
 __all__ = [
     "AUGMENT_COND_DIM",
     "DatasetSpec",
     "Digits",
+    "FashionMnistDebian",
+    "Shapes",
     "augment_batch",
     "check_augment",
     "check_eval_split",

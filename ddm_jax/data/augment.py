@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ddm_jax.checks import check
+
 Batch = dict[str, np.ndarray]
 
 AUGMENT_COND_DIM: Mapping[str, int] = types.MappingProxyType({"dihedral": 8})
@@ -30,17 +32,17 @@ _AUGMENT_STREAM = 1
 
 
 def check_augment(augment: str | None, image_shape: Sequence[int]) -> None:
-    """Raises ValueError unless `augment` is None or a known augmentation of images of `image_shape`."""
+    """Raises ArgumentError unless `augment` is None or a known augmentation of images of `image_shape`."""
     if augment is None:
         return
     _check_augment_name(augment)
     height, width = image_shape[:2]
-    if height != width:
-        raise ValueError(
-            f"data.augment={augment!r} rotates images by 90 degrees, which needs square images; "
-            f"the dataset's images have shape {tuple(image_shape)}. Expected height == width, or "
-            "data.augment=None."
-        )
+    check(
+        height == width,
+        "augment",
+        augment,
+        f"None for images of shape {tuple(image_shape)}: {augment!r} rotates by 90 degrees, which needs square images",
+    )
 
 
 def dihedral_transform(images: np.ndarray, element: int) -> np.ndarray:
@@ -55,9 +57,7 @@ def dihedral_elements(seed: int, step: int, global_batch_size: int) -> np.ndarra
     return rng.integers(AUGMENT_COND_DIM["dihedral"], size=global_batch_size)
 
 
-def augment_batch(
-    batch: Batch, augment: str, *, seed: int, step: int, first_row: int, global_batch_size: int
-) -> Batch:
+def augment_batch(batch: Batch, augment: str, *, seed: int, step: int, first_row: int, global_batch_size: int) -> Batch:
     """Rows [first_row, first_row + b) of global batch `step`, transformed, with their "cond" [b, 8].
 
     `batch["image"]` is [b, H, W, C]; the other entries pass through unchanged.
@@ -81,11 +81,9 @@ def identity_cond(batch_size: int, augment: str | None) -> np.ndarray | None:
 
 
 def _check_augment_name(augment: str) -> None:
-    if augment not in AUGMENT_COND_DIM:
-        raise ValueError(
-            f"data.augment={augment!r}; expected None (no augmentation) or one of "
-            f"{sorted(AUGMENT_COND_DIM)}."
-        )
+    check(
+        augment in AUGMENT_COND_DIM, "augment", augment, f"None (no augmentation) or one of {sorted(AUGMENT_COND_DIM)}"
+    )
 
 
 def _one_hot(indices: np.ndarray, depth: int) -> np.ndarray:

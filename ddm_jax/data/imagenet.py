@@ -4,7 +4,7 @@ TFDS's `downsampled_imagenet/32x32` and `downsampled_imagenet/64x64` builders
 read train_<size>.tar and valid_<size>.tar from http://image-net.org/small/,
 which no longer serves them (tensorflow/datasets#4662, google-research/vdm#8).
 The input pipeline therefore never starts that download: it asks for the
-dataset to be prepared by hand (`not_prepared_message`). The archives hold
+dataset to be prepared by hand (`not_prepared_expectation`). The archives hold
 lossless PNG images of one size per config, a size the builder's image feature
 leaves unspecified (`image_shape` supplies it). The splits are "train" and
 "validation"; there is no "test" split.
@@ -25,8 +25,9 @@ def image_shape(builder: tfds.core.DatasetBuilder) -> tuple[int, int, int]:
     return int(height), int(width), 3
 
 
-def not_prepared_message(name: str, builder: tfds.core.DatasetBuilder) -> str:
-    """How to prepare downsampled ImageNet by hand, with the archives' names, sizes and sha256."""
+def not_prepared_expectation(name: str, builder: tfds.core.DatasetBuilder) -> str:
+    """What an unprepared downsampled ImageNet needs: how to prepare it by hand, with the archives'
+    names, sizes and sha256 (the `expected` part of the ArgumentError naming the dataset)."""
     suffix = f"_{builder.builder_config.name}.tar"
     archives = "\n".join(
         f"       {info.filename}  {int(info.size)} bytes  sha256 {info.checksum}"
@@ -34,9 +35,9 @@ def not_prepared_message(name: str, builder: tfds.core.DatasetBuilder) -> str:
         if info.filename.endswith(suffix)
     )
     return (
-        f"data.dataset={name!r} is not prepared under {builder.data_dir_root}, and it cannot be "
-        "downloaded automatically: TFDS's source for it, http://image-net.org/small/, no longer "
-        "serves the files (see tensorflow/datasets#4662 for copies of them). Prepare it by hand, once:\n"
+        f"a dataset prepared under {builder.data_dir_root}; this one cannot be downloaded automatically: "
+        "TFDS's source for it, http://image-net.org/small/, no longer serves the files (see "
+        "tensorflow/datasets#4662 for copies of them). Prepare it by hand, once:\n"
         "  1. Put these archives of van den Oord et al.'s (2016) downsampled ImageNet in a directory "
         "MANUAL_DIR (TFDS checks their sizes and sha256):\n"
         f"{archives}\n"
@@ -44,5 +45,5 @@ def not_prepared_message(name: str, builder: tfds.core.DatasetBuilder) -> str:
         "     (the tfds command needs `pip install apache-beam`, tensorflow/datasets#5463; without it:\n"
         f"     python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}', data_dir='DATA_DIR')"
         ".download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir='MANUAL_DIR'))\")\n"
-        "  3. Run with --config.data.data_dir=DATA_DIR."
+        "  3. Pass DATA_DIR as the data_dir (config: --config.data.data_dir=DATA_DIR)."
     )

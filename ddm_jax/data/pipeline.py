@@ -1,8 +1,9 @@
-"""Input pipeline for TFDS image datasets (digits, mnist, cifar10, downsampled_imagenet/32x32, ...).
+"""Input pipeline for TFDS image datasets (digits, mnist, cifar10, downsampled_imagenet/32x32, ...)
+and a user's own images ("folder:PATH", "npz:PATH"; see `ddm_jax.data.local`).
 
-Every dataset takes the same path: a split is read once through TFDS into host
-memory as integer arrays, and batches are gathered from them with numpy
-indexing. Memory is the limit of this design: each process holds its own copy
+Every dataset takes the same path: a split is read once (through TFDS, or from
+the user's files) into host memory as integer arrays, and batches are gathered
+from them with numpy indexing. Memory is the limit of this design: each process holds its own copy
 of the training split (CIFAR-10: 150 MB; ImageNet 32x32: 3.9 GB; ImageNet
 64x64: 15.7 GB), and a split larger than the host's available memory is refused
 with a ValueError before it is read.
@@ -25,36 +26,52 @@ global batch s by a function of (seed, s, row) and adds its conditioning
 keep the guarantees above. Evaluation batches are never augmented; the model
 is evaluated with `identity_cond`.
 
+Preparation. The project's own TFDS builders (those of `ddm_jax.data`:
+"digits", and "fashion_mnist_debian" where Debian's files are installed) are
+prepared on first use without a network. Any other TFDS dataset that is not
+prepared is refused at once, naming the data_dir searched and how to prepare
+it, unless `download=True` allows TFDS to download and prepare it; an attempt
+that fails removes the files and folders it created in the data_dir.
+
 Downsampled ImageNet cannot be downloaded automatically; it is prepared by hand
 once (`ddm_jax.data.imagenet`). Its held-out split is "validation": pass it as
 `eval_batches(split=...)` (config field data.eval_split).
 """
 
+import contextlib
 import dataclasses
 import itertools
 import math
-import numbers
+import shutil
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import numpy as np
 import psutil
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from ddm_jax.data import imagenet
+from ddm_jax.checks import ArgumentError, check, check_int
+from ddm_jax.data import imagenet, local
 from ddm_jax.data.augment import augment_batch, check_augment
+from ddm_jax.data.fashion_mnist import FashionMnistDebian
 
 Batch = dict[str, np.ndarray]
 
 _READ_CHUNK_SIZE = 4096
+# How deep under a data_dir a failed preparation is looked for what it created: TFDS writes
+# DATA_DIR/NAME[/CONFIG]/incomplete.*, DATA_DIR/downloads/* and DATA_DIR/downloads/extracted/*.
+_CREATED_PATHS_DEPTH = 3
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    """What a model needs to know about a dataset, read from its TFDS info.
+    """What a model needs to know about a dataset, read from its TFDS info or the user's files.
 
     split_sizes maps each split to its number of examples; it is empty when
-    TFDS does not know them (e.g. under `tfds.testing.mock_data`).
+    TFDS does not know them (e.g. under `tfds.testing.mock_data`). image_size is
+    the (H, W) a "folder:" dataset's images are resized to, None when they are
+    read at their own size.
     """
 
     name: str
@@ -62,11 +79,36 @@ class DatasetSpec:
     vocab_size: int
     num_classes: int | None
     split_sizes: Mapping[str, int] = dataclasses.field(hash=False)
+    image_size: tuple[int, int] | None = None
 
 
-def dataset_spec(name: str, data_dir: str | None = None) -> DatasetSpec:
-    """The spec of TFDS dataset `name`, preparing it first if it is not yet."""
-    return _spec_from_builder(name, _prepared_builder(name, data_dir))
+def dataset_spec(
+    name: str, data_dir: str | None = None, *, image_size: tuple[int, int] | None = None, download: bool = False
+) -> DatasetSpec:
+    """The spec of dataset `name`, preparing it first if it is a TFDS dataset not prepared yet.
+
+    Args:
+      name: a TFDS dataset ("digits", "cifar10", ...) or the user's images, "folder:PATH" or "npz:PATH".
+      data_dir: the TFDS data directory (TFDS's default when None); unused by local data.
+      image_size: (H, W) to resize a "folder:" dataset's images to; None for every other dataset.
+      download: whether a TFDS dataset that is not prepared, and needs the network to be, may be
+        downloaded and prepared here.
+
+    Returns:
+      The dataset's DatasetSpec.
+    """
+    local.check_image_size(name, image_size)
+    if local.is_local(name):
+        image_shape, vocab_size, split_sizes = local.describe(name, image_size)
+        return DatasetSpec(
+            name=name,
+            image_shape=image_shape,
+            vocab_size=vocab_size,
+            num_classes=None,
+            split_sizes=split_sizes,
+            image_size=None if image_size is None else tuple(image_size),
+        )
+    return _spec_from_builder(name, _prepared_builder(name, data_dir, download))
 
 
 def train_batches(
@@ -79,6 +121,8 @@ def train_batches(
     process_index: int = 0,
     process_count: int = 1,
     augment: str | None = None,
+    image_size: tuple[int, int] | None = None,
+    download: bool = False,
 ) -> Iterator[Batch]:
     """Endless training batches of this process: {"image", "label", "cond"}.
 
@@ -87,21 +131,18 @@ def train_batches(
     cond: float32 [b, AUGMENT_COND_DIM[augment]], present when `augment` is set;
     b = batch_size // process_count. `batch_size` is the global batch size and
     `start_step` the number of global batches already consumed. `augment` is
-    None or "dihedral" (square images only). The order is described in this
-    module's docstring.
+    None or "dihedral" (square images only). `image_size` and `download` are
+    those of `dataset_spec`, used when a name is given. The order is described
+    in this module's docstring.
     """
     local_batch_size = _local_batch_size(batch_size, process_index, process_count)
-    _check_non_negative_int("seed", seed)
-    _check_non_negative_int("start_step", start_step)
-    spec = _as_spec(spec_or_name, data_dir)
+    check_int("seed", seed, minimum=0)
+    check_int("start_step", start_step, minimum=0)
+    spec = _as_spec(spec_or_name, data_dir, image_size, download)
     check_augment(augment, spec.image_shape)
-    arrays = load_split(spec, "train", data_dir)
+    arrays = load_split(spec, "train", data_dir, download=download)
     num_examples = len(arrays["image"])
-    if batch_size > num_examples:
-        raise ValueError(
-            f"batch_size={batch_size} is larger than the {num_examples} training "
-            "examples; expected at most the number of training examples."
-        )
+    check(batch_size <= num_examples, "batch_size", batch_size, f"at most the {num_examples} training examples")
     first_row = process_index * local_batch_size
     rows = slice(first_row, first_row + local_batch_size)
     return _train_batches(arrays, batch_size, seed, start_step, rows, augment)
@@ -115,6 +156,8 @@ def eval_batches(
     data_dir: str | None = None,
     process_index: int = 0,
     process_count: int = 1,
+    image_size: tuple[int, int] | None = None,
+    download: bool = False,
 ) -> Iterator[Batch]:
     """One pass over `split` in its stored order: {"image", "label", "mask"}.
 
@@ -122,71 +165,142 @@ def eval_batches(
     over processes as in training. Every process yields the same number of
     batches of b = batch_size // process_count rows; rows past the end of the
     split are zeros with mask False, so each example is counted exactly once.
-    Images are never augmented.
+    Images are never augmented. `image_size` and `download` are those of
+    `dataset_spec`, used when a name is given.
     """
     local_batch_size = _local_batch_size(batch_size, process_index, process_count)
-    spec = _as_spec(spec_or_name, data_dir)
+    spec = _as_spec(spec_or_name, data_dir, image_size, download)
     check_eval_split(spec, split)
-    arrays = load_split(spec, split, data_dir)
+    arrays = load_split(spec, split, data_dir, download=download)
     return _padded_batches(arrays, batch_size, process_index * local_batch_size, local_batch_size)
 
 
 def check_eval_split(spec: DatasetSpec, split: str) -> None:
-    """Raises ValueError if the dataset's splits are known and `split` is not one of them."""
-    if spec.split_sizes and split not in spec.split_sizes:
-        raise ValueError(
-            f"data.eval_split={split!r} is not a split of data.dataset={spec.name!r}; "
-            f"expected one of {sorted(spec.split_sizes)}."
+    """Raises ArgumentError if the dataset's splits are known and `split` is not one of them."""
+    if spec.split_sizes:
+        check(
+            split in spec.split_sizes,
+            "split",
+            split,
+            f"one of the splits {sorted(spec.split_sizes)} of dataset {spec.name!r}",
         )
 
 
-def _as_spec(spec_or_name: DatasetSpec | str, data_dir: str | None) -> DatasetSpec:
+def _as_spec(
+    spec_or_name: DatasetSpec | str, data_dir: str | None, image_size: tuple[int, int] | None, download: bool
+) -> DatasetSpec:
     if isinstance(spec_or_name, DatasetSpec):
         return spec_or_name
-    return dataset_spec(spec_or_name, data_dir)
+    return dataset_spec(spec_or_name, data_dir, image_size=image_size, download=download)
 
 
-def _prepared_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
-    """The TFDS builder of `name`, downloaded and prepared if it is not yet and can be."""
+def _prepared_builder(name: str, data_dir: str | None, download: bool) -> tfds.core.DatasetBuilder:
+    """The TFDS builder of `name`, prepared if it is not yet and may be (see the module docstring)."""
     _hide_gpus_from_tensorflow()
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.DatasetNotFoundError as error:
-        raise ValueError(
-            f"data.dataset={name!r} is not a registered TFDS dataset; expected a name such as "
-            "'digits', 'mnist', 'cifar10' or 'downsampled_imagenet/32x32'."
+        raise ArgumentError(
+            "dataset",
+            name,
+            "a TFDS dataset such as 'digits', 'fashion_mnist_debian', 'mnist', 'cifar10' or "
+            "'downsampled_imagenet/32x32', or your own images as 'folder:PATH' or 'npz:PATH'",
         ) from error
-    if not builder.is_prepared():
-        if imagenet.is_downsampled_imagenet(builder):
-            raise ValueError(imagenet.not_prepared_message(name, builder))
-        try:
-            builder.download_and_prepare()
-        except Exception as error:  # Whatever stops the download or the build.
-            raise ValueError(
-                f"data.dataset={name!r} is not prepared under {builder.data_dir} "
-                f"and preparing it failed: {error!r}. Prepare it where the network "
-                f"is reachable with `tfds build {name} --data_dir=DIR` (the tfds command "
-                "needs `pip install apache-beam`, tensorflow/datasets#5463) and set "
-                "data.data_dir to that DIR."
-            ) from error
+    if builder.is_prepared():
+        return builder
+    if imagenet.is_downsampled_imagenet(builder):
+        raise ArgumentError("dataset", name, imagenet.not_prepared_expectation(name, builder))
+    root = Path(builder.data_dir_root)
+    obstacle = _offline_obstacle(name, builder, root)
+    if obstacle is not None and not download:
+        raise ArgumentError(
+            "dataset",
+            name,
+            f"a dataset prepared under {root}, or one that can be prepared there without a network; "
+            f"{name!r} is neither. {obstacle}; or pass download=True to download it here",
+        )
+    try:
+        with _removing_created_paths_on_failure(root):
+            config = tfds.download.DownloadConfig(try_download_gcs=not _is_own_builder(builder))
+            builder.download_and_prepare(download_config=config)
+    except Exception as error:  # Whatever stops the download or the build.
+        advice = "" if obstacle is None else f" {obstacle}"
+        raise ArgumentError(
+            "dataset", name, f"a dataset that can be prepared under {root}; preparing it failed: {error!r}.{advice}"
+        ) from error
     return builder
+
+
+def _is_own_builder(builder: tfds.core.DatasetBuilder) -> bool:
+    """Whether `builder` is one of this package's builders, which need no network (see `_offline_obstacle`)."""
+    return type(builder).__module__.startswith(f"{__package__}.")
+
+
+def _offline_obstacle(name: str, builder: tfds.core.DatasetBuilder, root: Path) -> str | None:
+    """None if `builder` can be prepared without a network; else what to do instead."""
+    if isinstance(builder, FashionMnistDebian):
+        return builder.missing_source()
+    if _is_own_builder(builder):
+        return None
+    return (
+        f"Prepare it where the network is reachable with `tfds build {name} --data_dir={root}` "
+        "(the tfds command needs `pip install apache-beam`, tensorflow/datasets#5463) and pass "
+        "that directory as data_dir"
+    )
+
+
+@contextlib.contextmanager
+def _removing_created_paths_on_failure(root: Path) -> Iterator[None]:
+    """If the body raises, removes the files and folders it created in data directory `root`.
+
+    Paths are compared down to _CREATED_PATHS_DEPTH levels under `root`; anything
+    deeper lies inside a folder created there. Whatever existed before is kept.
+    """
+    missing = [path for path in (root, *root.parents) if not path.exists()]
+    before = _paths_under(root)
+    try:
+        yield
+    except BaseException:
+        if missing:  # Everything is new from the highest folder that did not exist.
+            _remove(missing[-1])
+        else:
+            created = _paths_under(root) - before
+            for path in created:
+                if path.parent not in created:
+                    _remove(path)
+        raise
+
+
+def _paths_under(root: Path) -> set[Path]:
+    """`root` and the paths under it, down to _CREATED_PATHS_DEPTH levels; empty if `root` does not exist."""
+    paths, level = set(), [root] if root.exists() else []
+    for _ in range(_CREATED_PATHS_DEPTH + 1):
+        paths.update(level)
+        level = [child for path in level if path.is_dir() and not path.is_symlink() for child in path.iterdir()]
+    return paths
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _hide_gpus_from_tensorflow() -> None:
     """Keeps TensorFlow, used here only to read data, off the accelerators."""
-    try:
+    with contextlib.suppress(RuntimeError):  # Raised when TensorFlow's devices are already initialised.
         tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:  # TensorFlow's devices are already initialised.
-        pass
 
 
 def _spec_from_builder(name: str, builder: tfds.core.DatasetBuilder) -> DatasetSpec:
     info = builder.info
-    if "image" not in info.features:
-        raise ValueError(
-            f"data.dataset={name!r} has no 'image' feature (it has "
-            f"{sorted(info.features.keys())}); expected an image dataset."
-        )
+    check(
+        "image" in info.features,
+        "dataset",
+        name,
+        f"an image dataset, with an 'image' feature; its features are {sorted(info.features.keys())}",
+    )
     image_shape = (
         imagenet.image_shape(builder)
         if imagenet.is_downsampled_imagenet(builder)
@@ -206,11 +320,12 @@ def _image_shape(name: str, image_feature: tfds.features.FeatureConnector) -> tu
     shape = tuple(image_feature.shape)
     if len(shape) == 2:
         shape += (1,)
-    if len(shape) != 3 or None in shape:
-        raise ValueError(
-            f"data.dataset={name!r} has images of shape {image_feature.shape}; "
-            "expected a fixed (height, width, channels) shape."
-        )
+    check(
+        len(shape) == 3 and None not in shape,
+        "dataset",
+        name,
+        f"images of a fixed (height, width, channels) shape; its images have shape {image_feature.shape}",
+    )
     return shape
 
 
@@ -220,27 +335,41 @@ def _vocab_size(name: str, info: tfds.core.DatasetInfo) -> int:
     if "vocab_size" in metadata:
         return int(metadata["vocab_size"])
     image_dtype = info.features["image"].np_dtype
-    if image_dtype != np.uint8:
-        raise ValueError(
-            f"data.dataset={name!r} has {np.dtype(image_dtype).name} images and no "
-            "'vocab_size' in its metadata; expected uint8 images or a vocab_size."
-        )
+    check(
+        image_dtype == np.uint8,
+        "dataset",
+        name,
+        f"uint8 images or a 'vocab_size' in its metadata; it has {np.dtype(image_dtype).name} images and no vocab_size",
+    )
     return 256
 
 
 def _num_classes(features: tfds.features.FeaturesDict) -> int | None:
-    label = features["label"] if "label" in features else None
+    if "label" not in features:  # FeaturesDict has no `get`.
+        return None
+    label = features["label"]
     return label.num_classes if isinstance(label, tfds.features.ClassLabel) else None
 
 
-def load_split(spec_or_name: DatasetSpec | str, split: str, data_dir: str | None) -> Batch:
+def load_split(
+    spec_or_name: DatasetSpec | str,
+    split: str,
+    data_dir: str | None = None,
+    *,
+    image_size: tuple[int, int] | None = None,
+    download: bool = False,
+) -> Batch:
     """All of `split` in stored order: image [n, H, W, C] and, if labelled, int32 label [n].
 
-    Raises ValueError, before reading, if the arrays would not fit in the
-    host's available memory.
+    `data_dir`, `image_size` and `download` are those of `dataset_spec` (a spec
+    carries its own image_size). Raises ArgumentError, before reading, if the
+    arrays would not fit in the host's available memory.
     """
     name = spec_or_name.name if isinstance(spec_or_name, DatasetSpec) else spec_or_name
-    builder = _prepared_builder(name, data_dir)
+    if local.is_local(name):
+        return _load_local_split(_as_spec(spec_or_name, data_dir, image_size, download), split)
+    local.check_image_size(name, image_size)
+    builder = _prepared_builder(name, data_dir, download)
     spec = _spec_from_builder(name, builder)
     keys = ["image"] if spec.num_classes is None else ["image", "label"]
     dataset = builder.as_dataset(
@@ -249,11 +378,12 @@ def load_split(spec_or_name: DatasetSpec | str, split: str, data_dir: str | None
         decoders=tfds.decode.PartialDecoding({key: True for key in keys}),
     )
     num_examples = int(dataset.cardinality())
-    if num_examples < 0:
-        raise ValueError(
-            f"data.dataset={name!r}: TFDS does not know the size of split {split!r}; "
-            "expected a prepared dataset whose split sizes are recorded."
-        )
+    check(
+        num_examples >= 0,
+        "dataset",
+        name,
+        f"a prepared dataset whose split sizes TFDS records; it does not know the size of split {split!r}",
+    )
     layouts = {
         "image": ((num_examples, *spec.image_shape), builder.info.features["image"].np_dtype),
         "label": ((num_examples,), np.int32),
@@ -261,9 +391,7 @@ def load_split(spec_or_name: DatasetSpec | str, split: str, data_dir: str | None
     num_bytes = sum(math.prod(layouts[key][0]) * np.dtype(layouts[key][1]).itemsize for key in keys)
     _check_fits_in_memory(name, split, num_bytes, psutil.virtual_memory().available)
     arrays = {key: np.empty(*layouts[key]) for key in keys}
-    with_fixed_shape = dataset.map(
-        lambda example: {**example, "image": tf.reshape(example["image"], spec.image_shape)}
-    )
+    with_fixed_shape = dataset.map(lambda example: {**example, "image": tf.reshape(example["image"], spec.image_shape)})
     start = 0
     for chunk in tfds.as_numpy(with_fixed_shape.batch(_READ_CHUNK_SIZE).prefetch(tf.data.AUTOTUNE)):
         stop = start + len(chunk["image"])
@@ -273,14 +401,32 @@ def load_split(spec_or_name: DatasetSpec | str, split: str, data_dir: str | None
     return arrays
 
 
+def _load_local_split(spec: DatasetSpec, split: str) -> Batch:
+    """`split` of a "folder:" or "npz:" dataset, read as its spec describes it."""
+    check_eval_split(spec, split)
+    num_examples = spec.split_sizes[split]
+    image_bytes = math.prod(spec.image_shape) * local.image_dtype(spec.vocab_size).itemsize
+    _check_fits_in_memory(spec.name, split, num_examples * image_bytes, psutil.virtual_memory().available)
+    images = local.read_split(spec.name, split, spec.image_size)
+    check(
+        images.shape == (num_examples, *spec.image_shape),
+        "dataset",
+        spec.name,
+        f"the {split!r} split of its spec, {num_examples} images of shape {spec.image_shape}; it now holds "
+        f"{images.shape[0]} of shape {images.shape[1:]} (did the files change?)",
+    )
+    return {"image": images}
+
+
 def _check_fits_in_memory(name: str, split: str, num_bytes: int, available_bytes: int) -> None:
-    if num_bytes > available_bytes:
-        raise ValueError(
-            f"data.dataset={name!r}: its {split!r} split needs {num_bytes / 2**30:.1f} GiB of host "
-            f"memory, and this host has {available_bytes / 2**30:.1f} GiB available. The input "
-            "pipeline holds a whole split in memory, one copy per process; expected a host (or "
-            "fewer processes per host) with that much memory free."
-        )
+    check(
+        num_bytes <= available_bytes,
+        "dataset",
+        name,
+        f"splits that fit in host memory: its {split!r} split needs {num_bytes / 2**30:.1f} GiB of host memory, "
+        f"and this host has {available_bytes / 2**30:.1f} GiB available (the input pipeline holds a whole split "
+        "in memory, one copy per process); run on a host, or with fewer processes per host, with that much free",
+    )
 
 
 def _train_batches(
@@ -297,9 +443,7 @@ def _train_batches(
         yield batch
 
 
-def _shuffled_index_batches(
-    num_examples: int, batch_size: int, seed: int, start_step: int
-) -> Iterator[np.ndarray]:
+def _shuffled_index_batches(num_examples: int, batch_size: int, seed: int, start_step: int) -> Iterator[np.ndarray]:
     """Global batches of example indices from step `start_step` on."""
     steps_per_epoch = num_examples // batch_size
     first_epoch, first_step_in_epoch = divmod(start_step, steps_per_epoch)
@@ -310,9 +454,7 @@ def _shuffled_index_batches(
             yield order[step * batch_size : (step + 1) * batch_size]
 
 
-def _padded_batches(
-    arrays: Batch, batch_size: int, first_row: int, local_batch_size: int
-) -> Iterator[Batch]:
+def _padded_batches(arrays: Batch, batch_size: int, first_row: int, local_batch_size: int) -> Iterator[Batch]:
     """Rows [first_row, first_row + local_batch_size) of each global batch, masked."""
     num_examples = len(arrays["image"])
     for batch_start in range(0, num_examples, batch_size):
@@ -329,22 +471,13 @@ def _pad_rows(array: np.ndarray, num_rows: int) -> np.ndarray:
 
 def _local_batch_size(batch_size: int, process_index: int, process_count: int) -> int:
     """This process's share of the global batch, after checking the arguments."""
-    if not isinstance(process_count, numbers.Integral) or process_count < 1:
-        raise ValueError(f"process_count={process_count!r}; expected a positive integer.")
-    if not isinstance(process_index, numbers.Integral) or not 0 <= process_index < process_count:
-        raise ValueError(
-            f"process_index={process_index!r}; expected an integer in [0, {process_count})."
-        )
-    if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r}; expected a positive integer.")
-    if batch_size % process_count:
-        raise ValueError(
-            f"batch_size={batch_size} is not divisible by process_count={process_count}; "
-            "expected a global batch size that splits evenly over the processes."
-        )
+    check_int("process_count", process_count, minimum=1)
+    check_int("process_index", process_index, minimum=0, maximum=process_count - 1)
+    check_int("batch_size", batch_size, minimum=1)
+    check(
+        batch_size % process_count == 0,
+        "batch_size",
+        batch_size,
+        f"a multiple of process_count={process_count}, so that the global batch splits evenly over the processes",
+    )
     return batch_size // process_count
-
-
-def _check_non_negative_int(field: str, value: int) -> None:
-    if not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{field}={value!r}; expected a non-negative integer.")

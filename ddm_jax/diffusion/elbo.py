@@ -1,25 +1,26 @@
 """The VDM evidence lower bound as pure functions, in nats per example.
 
--log p(k) <= reconstruction + prior + diffusion   (VDM, eq. 11; DESIGN.md "ELBO terms")
+-log p(k) <= reconstruction + prior + diffusion   (Kingma et al. 2021, "Variational Diffusion Models", eq. 11)
   1. reconstruction: -E_{q(z_0|x)} log p(k | z_0), a softmax over the V data values per dimension.
   2. prior:          KL(q(z_1 | x) || N(0, I)), in closed form.
   3. diffusion:      continuous time (T = 0): 1/2 E_t [gamma'(t) ||eps - eps_hat(z_t; gamma_t)||^2],
                      T steps:                 T/2 E_i [expm1(gamma_t - gamma_s) ||eps - eps_hat||^2].
-DDPM's L_simple = E ||eps - eps_hat||^2 (seed Algorithm 1) is the diffusion term with weight 1.
+DDPM's L_simple = E ||eps - eps_hat||^2 (Ho et al. 2020, Algorithm 1) is the diffusion term with
+w(t) = 2 (`WEIGHTINGS`); docs/conventions.md states every convention used here.
 
 Randomness is drawn per example from (rng, row): row b of a batch gets the same t and noise
 whichever device or process holds it, so a batch split over devices (jit over a mesh, pmap,
 several hosts) sees the draws of the whole batch. `rows` [b] are the positions of a shard's
 examples in the batch (default: the whole batch, 0..B-1).
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddm_jax.diffusion.parameterization import check_parameterization, target_and_eps_scale
+from ddm_jax.checks import check_choice
+from ddm_jax.diffusion.parameterization import PARAMETERIZATIONS, target_and_eps_scale
 from ddm_jax.diffusion.process import alpha_sigma, encode, q_sample
-
-WEIGHTINGS = ("elbo", "simple")
 
 
 def sum_over_data_dims(x: jax.Array) -> jax.Array:
@@ -33,6 +34,7 @@ def bits_per_dim(nats: jax.Array, num_dims: int) -> jax.Array:
 
 
 # 1. Reconstruction ---------------------------------------------------------------------------
+
 
 def reconstruction_logits(z_0: jax.Array, gamma_0: jax.Array, vocab_size: int) -> jax.Array:
     """log N(z_0; alpha_0 x_v, sigma_0^2) over the V values x_v, up to a constant: [..., V].
@@ -62,6 +64,7 @@ def decoder_nll(k: jax.Array, z_0: jax.Array, gamma_0, vocab_size: int) -> jax.A
 
 # 2. Prior ------------------------------------------------------------------------------------
 
+
 def prior_loss(x: jax.Array, gamma_1) -> jax.Array:
     """KL(N(alpha_1 x, sigma_1^2) || N(0, 1)) = 1/2 (sigma_1^2 + alpha_1^2 x^2 - 1 - log sigma_1^2), summed: [B]."""
     sigma2 = jax.nn.sigmoid(gamma_1)
@@ -71,6 +74,7 @@ def prior_loss(x: jax.Array, gamma_1) -> jax.Array:
 
 
 # Per-example randomness ----------------------------------------------------------------------
+
 
 def batch_rows(rows, batch_size: int) -> jax.Array:
     """The rows of a shard as an array: `rows`, or 0..batch_size-1 when None."""
@@ -94,12 +98,13 @@ def per_example_normal(rng: jax.Array, shape, rows=None) -> jax.Array:
 
 # 3. Diffusion --------------------------------------------------------------------------------
 
-def sample_times(rng: jax.Array, batch_size: int, *, T: int = 0, antithetic: bool = True,
-                 rows=None) -> jax.Array:
+
+def sample_times(rng: jax.Array, batch_size: int, *, T: int = 0, antithetic: bool = True, rows=None) -> jax.Array:
     """t in (0, 1] for the `rows` of a batch of `batch_size` (default: all B of them).
 
-    Low-discrepancy t_b = mod(u + b / B, 1) with one u per batch, or i.i.d. uniform(fold_in(rng, b)).
-    With T > 0 steps, t is rounded up onto the grid {1/T, ..., 1}, so s = t - 1/T >= 0.
+    Low-discrepancy t_b = mod(u + b / B, 1) with one u per batch (VDM, appendix I.1), or i.i.d.
+    uniform(fold_in(rng, b)). With T > 0 steps, t is rounded up onto the grid {1/T, ..., 1}, so
+    s = t - 1/T >= 0.
     """
     rows = batch_rows(rows, batch_size)
     if antithetic:
@@ -111,11 +116,25 @@ def sample_times(rng: jax.Array, batch_size: int, *, T: int = 0, antithetic: boo
     return t
 
 
-def diffusion_weight(gamma_fn, t: jax.Array, *, T: int = 0) -> tuple[jax.Array, jax.Array]:
-    """(gamma_t, w_t) such that the diffusion term is 1/2 w_t ||eps - eps_hat||^2.
+def diffusion_draws(
+    rng: jax.Array, shape, *, T: int = 0, antithetic: bool = True, rows=None, batch_size: int | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """(t [b], eps [b, ...]) of the diffusion term's estimate for a shard of `shape` [b, ...].
 
-    Continuous time: w_t = gamma'(t), by forward-mode autodiff of gamma_fn.
-    T steps:         w_t = T expm1(gamma_t - gamma_s), s = t - 1/T.
+    The shard holds `rows` of a batch of `batch_size` (default: the whole batch, b rows); `rng`
+    splits into the times' and the noise's keys, so a shard sees the draws of the whole batch.
+    """
+    rng_t, rng_eps = jax.random.split(rng)
+    batch_size = shape[0] if batch_size is None else batch_size
+    t = sample_times(rng_t, batch_size, T=T, antithetic=antithetic, rows=rows)
+    return t, per_example_normal(rng_eps, shape, rows)
+
+
+def diffusion_weight(gamma_fn, t: jax.Array, *, T: int = 0) -> tuple[jax.Array, jax.Array]:
+    """(gamma_t, w_t) such that the ELBO's diffusion term is 1/2 w_t ||eps - eps_hat||^2.
+
+    Continuous time (VDM eq. 17): w_t = gamma'(t), by forward-mode autodiff of gamma_fn.
+    T steps (VDM eq. 15):         w_t = T expm1(gamma_t - gamma_s), s = t - 1/T.
     """
     if T == 0:
         return jax.jvp(gamma_fn, (t,), (jnp.ones_like(t),))
@@ -124,8 +143,23 @@ def diffusion_weight(gamma_fn, t: jax.Array, *, T: int = 0) -> tuple[jax.Array, 
     return gamma_t, T * jnp.expm1(gamma_t - gamma_s)
 
 
+# The weighting w(t) of the diffusion loss 1/2 E[w(t) ||eps - eps_hat||^2], given gamma_t and the
+# ELBO's weight w_t: the ELBO itself, or DDPM's L_simple = E||eps - eps_hat||^2 (Ho et al. 2020,
+# eq. 14), i.e. w = 2. A new loss (e.g. a weighting of Kingma & Gao 2023) is one more entry here.
+WEIGHTINGS = {
+    "elbo": lambda gamma_t, elbo_weight: elbo_weight,
+    "simple": lambda gamma_t, elbo_weight: jnp.full_like(elbo_weight, 2.0),
+}
+
+
+def loss_weight(weighting: str, gamma_t: jax.Array, elbo_weight: jax.Array) -> jax.Array:
+    """w(t) of `weighting` (a key of WEIGHTINGS) at gamma_t, from the ELBO's weight w_t."""
+    check_choice("weighting", weighting, WEIGHTINGS)
+    return WEIGHTINGS[weighting](gamma_t, elbo_weight)
+
+
 def denoising_loss(x, eps, gamma_t, weight, denoise_fn, *, parameterization: str = "eps") -> jax.Array:
-    """1/2 w_t ||eps - eps_hat(z_t; gamma_t)||^2 summed over dimensions, for given t and eps: [B].
+    """1/2 w ||eps - eps_hat(z_t; gamma_t)||^2 summed over dimensions, for given t and eps: [B].
 
     The prediction is compared with its own target and mapped to eps-space by an exact factor
     (`target_and_eps_scale`), so equivalent predictions in any parameterization give this loss.
@@ -136,22 +170,34 @@ def denoising_loss(x, eps, gamma_t, weight, denoise_fn, *, parameterization: str
     return 0.5 * weight * sum_over_data_dims(jnp.square(scale * (target - prediction)))
 
 
-def diffusion_loss(rng: jax.Array, x: jax.Array, denoise_fn, gamma_fn, *, T: int = 0,
-                   parameterization: str = "eps", antithetic: bool = True,
-                   weighting: str = "elbo") -> jax.Array:
-    """The diffusion term of the ELBO (weighting="elbo"), or DDPM's L_simple (weighting="simple"): [B].
+def diffusion_loss(
+    rng: jax.Array,
+    x: jax.Array,
+    denoise_fn,
+    gamma_fn,
+    *,
+    T: int = 0,
+    parameterization: str = "eps",
+    antithetic: bool = True,
+    weighting: str = "elbo",
+    rows=None,
+    batch_size: int | None = None,
+) -> jax.Array:
+    """One-sample estimate of 1/2 E_{t, eps}[w(t) ||eps - eps_hat(z_t; gamma_t)||^2] per example: [B] nats.
 
-    With weighting="simple" the per-example loss is ||eps - eps_hat||^2 (seed Algorithm 1): the
-    same estimator with w_t = 2.
+    With weighting="elbo" this is the ELBO's diffusion term (continuous time for T = 0, else T
+    steps); "simple" gives DDPM's L_simple summed over dimensions. Args:
+      rng: the key of the draws (t, eps) (`diffusion_draws`).
+      x: encoded data [B, ...] (this shard's rows of the batch when `rows` is given).
+      denoise_fn: (z_t, gamma_t [B]) -> the prediction `parameterization` names.
+      gamma_fn: t [B] -> gamma [B], increasing and differentiable.
+      T: 0 for continuous time, else the number of steps.
+      antithetic: low-discrepancy times (one uniform per batch) instead of i.i.d. ones.
+      rows, batch_size: this shard's positions in a batch of batch_size (default: all of x).
     """
-    check_parameterization(parameterization)
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"model.loss={weighting!r} is not one of {WEIGHTINGS}")
-    rng_t, rng_eps = jax.random.split(rng)
-    t = sample_times(rng_t, x.shape[0], T=T, antithetic=antithetic)
-    if weighting == "simple":
-        gamma_t, weight = gamma_fn(t), jnp.full_like(t, 2.0)
-    else:
-        gamma_t, weight = diffusion_weight(gamma_fn, t, T=T)
-    eps = per_example_normal(rng_eps, x.shape)
+    check_choice("parameterization", parameterization, PARAMETERIZATIONS)
+    check_choice("weighting", weighting, WEIGHTINGS)
+    t, eps = diffusion_draws(rng, x.shape, T=T, antithetic=antithetic, rows=rows, batch_size=batch_size)
+    gamma_t, elbo_weight = diffusion_weight(gamma_fn, t, T=T)
+    weight = loss_weight(weighting, gamma_t, elbo_weight)
     return denoising_loss(x, eps, gamma_t, weight, denoise_fn, parameterization=parameterization)

@@ -14,21 +14,19 @@ is z_0 / alpha_0, whose density is p_x(x) = alpha_0^D p_0(alpha_0 x) (`ode_bits_
 describes the decoder dequantization, which starts at z_0 ~ q(z_0 | x)). For x ~ N(0, S^2 I) and the optimal
 denoiser, z_0 ~ N(0, (alpha_0^2 S^2 + sigma_0^2) I), so p_x = N(0, (S^2 + exp(gamma_0)) I).
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddm_jax.checks import check_choice, check_int
 from ddm_jax.diffusion.elbo import bits_per_dim, decoder_nll, per_example_normal, sum_over_data_dims
-from ddm_jax.diffusion.parameterization import check_parameterization
+from ddm_jax.diffusion.parameterization import PARAMETERIZATIONS
 from ddm_jax.diffusion.process import encode, q_sample
 from ddm_jax.diffusion.samplers import probability_flow_drift, solve_adaptive
+from ddm_jax.diffusion.schedules import gamma_endpoints
 
 PROBES = ("rademacher", "gaussian")
-
-
-def _check_probe(probe: str) -> None:
-    if probe not in PROBES:
-        raise ValueError(f"probe={probe!r} is not one of {PROBES}")
 
 
 def divergence_probes(rng, shape, *, hutchinson: bool, probe: str = "rademacher") -> jax.Array:
@@ -58,15 +56,25 @@ def standard_normal_log_density(z) -> jax.Array:
     return sum_over_data_dims(-0.5 * jnp.square(z) - 0.5 * np.log(2.0 * np.pi))
 
 
-def ode_log_likelihood(rng, z_0, denoise_fn, gamma_fn, *, parameterization: str = "eps",
-                       hutchinson: bool = True, probe: str = "rademacher", rtol: float = 1e-5,
-                       atol: float = 1e-5, initial_steps: int = 16):
+def ode_log_likelihood(
+    rng,
+    z_0,
+    denoise_fn,
+    gamma_fn,
+    *,
+    parameterization: str = "eps",
+    hutchinson: bool = True,
+    probe: str = "rademacher",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    initial_steps: int = 16,
+):
     """log p_0(z_0) [B] nats under the PF-ODE model, and the NFE (see the module docstring).
 
     The batch is solved as one ODE (shared adaptive steps); rng draws the Hutchinson probes.
     """
-    check_parameterization(parameterization, "parameterization")
-    _check_probe(probe)
+    check_choice("parameterization", parameterization, PARAMETERIZATIONS)
+    check_choice("probe", probe, PROBES)
     drift = probability_flow_drift(denoise_fn, gamma_fn, parameterization)
     probes = divergence_probes(rng, z_0.shape, hutchinson=hutchinson, probe=probe)
 
@@ -74,17 +82,35 @@ def ode_log_likelihood(rng, z_0, denoise_fn, gamma_fn, *, parameterization: str 
         return drift_and_divergence(drift, t, state[0], probes)
 
     (z_1, divergence_integral), _, nfe = solve_adaptive(
-        augmented_drift, (z_0, jnp.zeros(z_0.shape[0], z_0.dtype)), 0.0, 1.0,
-        initial_steps=initial_steps, rtol=rtol, atol=atol)
+        augmented_drift,
+        (z_0, jnp.zeros(z_0.shape[0], z_0.dtype)),
+        0.0,
+        1.0,
+        initial_steps=initial_steps,
+        rtol=rtol,
+        atol=atol,
+    )
     return standard_normal_log_density(z_1) + divergence_integral, nfe
 
 
 DEQUANTIZATIONS = ("uniform", "decoder")
 
 
-def ode_bits_per_dim(rng, k, denoise_fn, gamma_fn, *, vocab_size: int, parameterization: str = "eps",
-                     dequantization: str = "uniform", hutchinson: bool = True, probe: str = "rademacher",
-                     rtol: float = 1e-5, atol: float = 1e-5, initial_steps: int = 16):
+def ode_bits_per_dim(
+    rng,
+    k,
+    denoise_fn,
+    gamma_fn,
+    *,
+    vocab_size: int,
+    parameterization: str = "eps",
+    dequantization: str = "uniform",
+    hutchinson: bool = True,
+    probe: str = "rademacher",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    initial_steps: int = 16,
+):
     """Upper bound on -log2 P(k) / D for integer data k [B, ...]: [B], and the NFE.
 
     "uniform": x = encode(k) + u (2 / V), u ~ U(-1/2, 1/2)^D, uniform on the bin of width 2 / V
@@ -99,13 +125,11 @@ def ode_bits_per_dim(rng, k, denoise_fn, gamma_fn, *, vocab_size: int, parameter
       smooth density (Gaussian data) the uniform one is the tighter.
     One draw of u (or z_0) per example: an unbiased estimate of the bound.
     """
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 2:
-        raise ValueError(f"vocab_size={vocab_size!r} must be an integer >= 2")
-    if dequantization not in DEQUANTIZATIONS:
-        raise ValueError(f"dequantization={dequantization!r} is not one of {DEQUANTIZATIONS}")
+    check_int("vocab_size", vocab_size, minimum=2)
+    check_choice("dequantization", dequantization, DEQUANTIZATIONS)
     rng_dequantize, rng_probe = jax.random.split(rng)
     num_dims = int(np.prod(k.shape[1:]))
-    gamma_0 = gamma_fn(jnp.zeros((1,)))[0]
+    gamma_0, _ = gamma_endpoints(gamma_fn)
     log_alpha_0 = 0.5 * jax.nn.log_sigmoid(-gamma_0)
     x = encode(k, vocab_size)
     if dequantization == "uniform":
@@ -120,6 +144,15 @@ def ode_bits_per_dim(rng, k, denoise_fn, gamma_fn, *, vocab_size: int, parameter
         decoder_nats = decoder_nll(k, z_0, gamma_0, vocab_size)
         nats_given_ode = lambda log_p_z: decoder_nats - log_p_z + log_q
     log_p_z, nfe = ode_log_likelihood(
-        rng_probe, z_0, denoise_fn, gamma_fn, parameterization=parameterization,
-        hutchinson=hutchinson, probe=probe, rtol=rtol, atol=atol, initial_steps=initial_steps)
+        rng_probe,
+        z_0,
+        denoise_fn,
+        gamma_fn,
+        parameterization=parameterization,
+        hutchinson=hutchinson,
+        probe=probe,
+        rtol=rtol,
+        atol=atol,
+        initial_steps=initial_steps,
+    )
     return bits_per_dim(nats_given_ode(log_p_z), num_dims), nfe

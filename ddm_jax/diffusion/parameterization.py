@@ -6,16 +6,13 @@ With z = alpha x + sigma eps (alpha^2 + sigma^2 = 1):
   v     : v = alpha eps - sigma x,        eps   = sigma z + alpha v
   score : grad log q(z_t) = -eps / sigma  (Tweedie)
 """
+
 import jax.numpy as jnp
 
+from ddm_jax.checks import check_choice
 from ddm_jax.diffusion.process import alpha_sigma, broadcast_to_data
 
 PARAMETERIZATIONS = ("eps", "x0", "v", "score")
-
-
-def check_parameterization(name: str, field: str = "model.parameterization") -> None:
-    if name not in PARAMETERIZATIONS:
-        raise ValueError(f"{field}={name!r} is not one of {PARAMETERIZATIONS}")
 
 
 def _coefficients(z, gamma):
@@ -33,7 +30,7 @@ def eps_from(prediction, z, gamma, parameterization: str):
         return sigma * z + alpha * prediction
     if parameterization == "score":
         return -sigma * prediction
-    check_parameterization(parameterization)
+    check_choice("parameterization", parameterization, PARAMETERIZATIONS)
 
 
 def from_eps(eps, z, gamma, parameterization: str):
@@ -47,7 +44,7 @@ def from_eps(eps, z, gamma, parameterization: str):
         return (eps - sigma * z) / alpha
     if parameterization == "score":
         return -eps / sigma
-    check_parameterization(parameterization)
+    check_choice("parameterization", parameterization, PARAMETERIZATIONS)
 
 
 def x0_from_eps(eps, z, gamma):
@@ -72,4 +69,4 @@ def target_and_eps_scale(x, eps, z, gamma, parameterization: str):
         return alpha * eps - sigma * x, alpha
     if parameterization == "score":
         return -eps / sigma, sigma
-    check_parameterization(parameterization)
+    check_choice("parameterization", parameterization, PARAMETERIZATIONS)

@@ -3,6 +3,7 @@
 alpha_t^2 = sigmoid(-gamma_t), sigma_t^2 = sigmoid(gamma_t), z_t = alpha_t x + sigma_t eps.
 Data are integers k in [0, V), encoded as x = 2 (k + 1/2) / V - 1.
 """
+
 import jax
 import jax.numpy as jnp
 
@@ -16,11 +17,6 @@ def decode(x: jax.Array, vocab_size: int) -> jax.Array:
     """Inverse of `encode`: the integer whose bin holds x (clipped to [0, V))."""
     k = jnp.floor((x + 1.0) * vocab_size / 2.0)
     return jnp.clip(k, 0, vocab_size - 1).astype(jnp.int32)
-
-
-def snr(gamma: jax.Array) -> jax.Array:
-    """SNR = alpha^2 / sigma^2 = exp(-gamma)."""
-    return jnp.exp(-gamma)
 
 
 def alpha_sigma(gamma: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -50,7 +46,7 @@ def posterior(z_t: jax.Array, x: jax.Array, gamma_s: jax.Array, gamma_t: jax.Arr
 
     With c = -expm1(gamma_s - gamma_t):
       mu_q = alpha_s ((1 - c) z_t / alpha_t + c x),  sigma_q^2 = sigma_s^2 c.
-    This is the seed's mu_q(x_t, x_0) and Sigma_q(t) with alphabar = sigmoid(-gamma).
+    This is DDPM's posterior (Ho et al. 2020, eqs. 6-7) with alphabar = sigmoid(-gamma).
     Returns (mu_q, sigma_q^2); sigma_q^2 has the shape of gamma broadcast to z_t.
     """
     gamma_s, gamma_t = broadcast_to_data(gamma_s, z_t), broadcast_to_data(gamma_t, z_t)

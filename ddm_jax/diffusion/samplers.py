@@ -1,38 +1,47 @@
 """Samplers of z_0 ~ p(z_0): from z_1 ~ N(0, I) down a decreasing time grid t_0 = 1 > ... > t_steps = 0.
 
-Every sampler takes (rng, denoise_fn, gamma_fn, shape) and keyword settings, runs under jit
-(steps static) and returns z_0, the latent the VDM decodes with p(k | z_0), or with
-return_trajectory (z_0, trajectory [steps + 1, *shape]) whose first row is z_1.
+One interface for all (score_sde's registry, read the same way): every sampler in SAMPLERS is
+
+    sampler(rng, denoise_fn, gamma_fn, shape, *, steps, parameterization="eps", grid="uniform",
+            z_1=None, return_trajectory=False, **its own settings) -> (z_0, info)
+
+runs under jit (steps static) and returns z_0, the latent the VDM decodes with p(k | z_0), and
+info = {"nfe": the number of denoise_fn calls (an int32 array), "trajectory": [steps + 1, *shape]
+from z_1 to z_0 (only with return_trajectory)}. `denoise_fn(z, gamma [B])` may be any function,
+e.g. a classifier-free-guided one (`diffusion.guidance`).
 
 Noise convention, shared by all samplers: z_1 = normal(fold_in(rng, steps)) unless z_1 is
 given, and the step that lands on grid point n (n = steps - 1 - j for step j, so n = 0 is
-t = 0) draws normal(fold_in(rng, n)). On the uniform grid this is `ancestral_sample`'s
-original convention (t_i = i / T), so DDIM with eta = 1 and ancestral sampling see the same noise.
+t = 0) draws normal(fold_in(rng, n)). DDIM with eta = 1 and ancestral sampling therefore see the
+same noise.
 
-Along the grid a step goes from t to s < t; with c = -expm1(gamma_s - gamma_t) = 1 - SNR_t / SNR_s:
-  ancestral      p(z_s | z_t) = q(z_s | z_t, x = x_hat(z_t))           (DDPM Algorithm 2, VDM eq. 33)
+Along the grid a step goes from t to s < t; every step function takes (z_t, prediction, gamma_t,
+gamma_s, ...) in that order. With c = -expm1(gamma_s - gamma_t) = 1 - SNR_t / SNR_s:
+  ancestral      p(z_s | z_t) = q(z_s | z_t, x = x_hat(z_t))     (Ho et al. 2020, Algorithm 2; VDM eq. 33)
   ddim           z_s = alpha_s x_hat + sigma_s sqrt(1 - eta^2 c) eps_hat + eta sigma_s sqrt(c) noise
   dpm_solver_pp  exponential integrator of the PF-ODE in lambda = log(alpha / sigma) = -gamma / 2
   ode            the probability-flow ODE with an adaptive Runge-Kutta solver (diffrax)
 """
+
+import inspect
+
 import diffrax
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from ddm_jax.diffusion.parameterization import check_parameterization, eps_from, x0_from_eps
+from ddm_jax.checks import check, check_choice, check_int, check_interval
+from ddm_jax.diffusion.parameterization import PARAMETERIZATIONS, eps_from, x0_from_eps
 from ddm_jax.diffusion.process import alpha_sigma, broadcast_to_data, posterior_coefficient
-from ddm_jax.diffusion.time_grids import check_grid, check_steps, time_grid
-
-SAMPLERS = ("ancestral", "ddim", "dpm_solver_pp", "ode")
+from ddm_jax.diffusion.time_grids import GRIDS, time_grid
 
 # Tsit5 has 7 stages, the last of which is the first of the next step (first same as last).
 _TSIT5_NEW_EVALUATIONS_PER_STEP = 6
 
 
-# Steps -----------------------------------------------------------------------------------------
+# Steps: (z_t, prediction, gamma_t, gamma_s) -> z_s ------------------------------------------------
 
-def ancestral_step(noise, z_t, eps_hat, gamma_s, gamma_t):
+
+def ancestral_step(z_t, eps_hat, gamma_t, gamma_s, noise):
     """z_s = (alpha_s / alpha_t)(z_t - sigma_t c eps_hat) + sqrt(sigma_s^2 c) noise, c = -expm1(gamma_s - gamma_t).
 
     With DDPM's betas this is Algorithm 2's update with sigma_t^2 = beta~_t.
@@ -45,7 +54,7 @@ def ancestral_step(noise, z_t, eps_hat, gamma_s, gamma_t):
     return mean + jnp.sqrt(jax.nn.sigmoid(gamma_s) * c) * noise
 
 
-def ddim_step(z_t, eps_hat, gamma_s, gamma_t, *, eta=0.0, noise=None):
+def ddim_step(z_t, eps_hat, gamma_t, gamma_s, *, eta=0.0, noise=None):
     """DDIM (Song et al. 2021, eq. 12) in gamma form, c = -expm1(gamma_s - gamma_t):
 
     z_s = alpha_s x_hat + sigma_s sqrt(1 - eta^2 c) eps_hat + eta sigma_s sqrt(c) noise,
@@ -62,7 +71,7 @@ def ddim_step(z_t, eps_hat, gamma_s, gamma_t, *, eta=0.0, noise=None):
     return alpha_s * x_hat + sigma_s * (jnp.sqrt(1.0 - eta**2 * c) * eps_hat + eta * jnp.sqrt(c) * noise)
 
 
-def dpm_solver_pp_step(z_t, x0_estimate, gamma_s, gamma_t):
+def dpm_solver_pp_step(z_t, x0_estimate, gamma_t, gamma_s):
     """z_s = (sigma_s / sigma_t) z_t - alpha_s expm1(-h) D, h = lambda_s - lambda_t = (gamma_t - gamma_s) / 2.
 
     DPM-Solver++ (Lu et al. 2022, Algorithm 2) with lambda = log(alpha / sigma) = -gamma / 2.
@@ -77,18 +86,15 @@ def dpm_solver_pp_step(z_t, x0_estimate, gamma_s, gamma_t):
 
 # Shared machinery ------------------------------------------------------------------------------
 
-def check_eta(eta) -> None:
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta={eta!r} must be in [0, 1] (0: deterministic DDIM, 1: ancestral variance)")
+
+def check_sampler_settings(steps, parameterization: str, grid: str) -> None:
+    """The settings every sampler shares, checked before anything is traced."""
+    check_int("steps", steps, minimum=1)
+    check_choice("parameterization", parameterization, PARAMETERIZATIONS)
+    check_choice("grid", grid, GRIDS)
 
 
-def _check_settings(steps, parameterization, grid, steps_argument="steps"):
-    check_steps(steps, steps_argument)
-    check_parameterization(parameterization, "parameterization")
-    check_grid(grid)
-
-
-def _predicted_eps(denoise_fn, parameterization, z, gamma):
+def predicted_eps(denoise_fn, parameterization: str, z, gamma):
     """eps_hat(z; gamma) for a scalar gamma (broadcast to the batch) from a prediction of any kind."""
     gamma = jnp.full((z.shape[0],), gamma, z.dtype)
     return eps_from(denoise_fn(z, gamma), z, gamma, parameterization)
@@ -102,60 +108,121 @@ def _step_noise(rng, shape, steps, j):
     return jax.random.normal(jax.random.fold_in(rng, steps - 1 - j), shape)
 
 
-def _grid_gammas(gamma_fn, grid, steps):
-    return gamma_fn(time_grid(grid, gamma_fn, steps))
+def _info(nfe, trajectory=None) -> dict:
+    info = {"nfe": jnp.asarray(nfe, jnp.int32)}
+    if trajectory is not None:
+        info["trajectory"] = trajectory
+    return info
 
 
-def _scan_grid(step, z, state, gammas, return_trajectory):
-    """(z, state) <- step(z, state, j, gamma_t, gamma_s) for consecutive grid points t = t_j, s = t_{j+1}."""
+def _scan_grid(step, z, state, gammas, *, return_trajectory: bool, nfe_per_step: int = 1):
+    """(z_end, info): (z, state) <- step(z, state, j, gamma_t, gamma_s) for consecutive grid points."""
+
     def body(carry, inputs):
         z, state = step(*carry, *inputs)
         return (z, state), (z if return_trajectory else None)
 
     steps = gammas.shape[0] - 1
-    (z_0, _), path = jax.lax.scan(body, (z, state), (jnp.arange(steps), gammas[:-1], gammas[1:]))
-    if return_trajectory:
-        return z_0, jnp.concatenate([z[None], path])
-    return z_0
+    (z_end, _), path = jax.lax.scan(body, (z, state), (jnp.arange(steps), gammas[:-1], gammas[1:]))
+    trajectory = jnp.concatenate([z[None], path]) if return_trajectory else None
+    return z_end, _info(steps * nfe_per_step, trajectory)
 
 
 # Fixed-step samplers ---------------------------------------------------------------------------
 
-def ancestral_sample(rng, denoise_fn, gamma_fn, shape, *, T: int, parameterization: str = "eps",
-                     z_1=None, grid: str = "uniform", return_trajectory: bool = False):
-    """z_0 by T ancestral steps p(z_s | z_t) = q(z_s | z_t, x_hat(z_t)) (seed Algorithm 2) on `grid`.
 
-    T is the number of steps (DESIGN.md's name); see the module docstring for the noise convention.
-    """
-    _check_settings(T, parameterization, grid, "T")
+def ancestral_sample(
+    rng,
+    denoise_fn,
+    gamma_fn,
+    shape,
+    *,
+    steps: int,
+    parameterization: str = "eps",
+    grid: str = "uniform",
+    z_1=None,
+    return_trajectory: bool = False,
+):
+    """z_0 by `steps` ancestral steps p(z_s | z_t) = q(z_s | z_t, x_hat(z_t)) (Ho et al. 2020, Algorithm 2)."""
+    check_sampler_settings(steps, parameterization, grid)
 
     def step(z_t, state, j, gamma_t, gamma_s):
-        eps_hat = _predicted_eps(denoise_fn, parameterization, z_t, gamma_t)
-        return ancestral_step(_step_noise(rng, shape, T, j), z_t, eps_hat, gamma_s, gamma_t), state
+        eps_hat = predicted_eps(denoise_fn, parameterization, z_t, gamma_t)
+        return ancestral_step(z_t, eps_hat, gamma_t, gamma_s, _step_noise(rng, shape, steps, j)), state
 
-    return _scan_grid(step, _initial_latent(rng, shape, T, z_1), None,
-                      _grid_gammas(gamma_fn, grid, T), return_trajectory)
+    gammas = gamma_fn(time_grid(grid, gamma_fn, steps))
+    return _scan_grid(step, _initial_latent(rng, shape, steps, z_1), None, gammas, return_trajectory=return_trajectory)
 
 
-def ddim_sample(rng, denoise_fn, gamma_fn, shape, *, steps: int, eta: float = 0.0,
-                parameterization: str = "eps", grid: str = "uniform", return_trajectory: bool = False,
-                z_1=None):
+def ddim_sample(
+    rng,
+    denoise_fn,
+    gamma_fn,
+    shape,
+    *,
+    steps: int,
+    parameterization: str = "eps",
+    grid: str = "uniform",
+    z_1=None,
+    return_trajectory: bool = False,
+    eta: float = 0.0,
+):
     """z_0 by `steps` DDIM steps (`ddim_step`); eta = 0 is deterministic given z_1, eta = 1 ancestral."""
-    _check_settings(steps, parameterization, grid)
-    check_eta(eta)
+    check_sampler_settings(steps, parameterization, grid)
+    check_interval("eta", eta, 0.0, 1.0, closed_high=True)
 
     def step(z_t, state, j, gamma_t, gamma_s):
-        eps_hat = _predicted_eps(denoise_fn, parameterization, z_t, gamma_t)
+        eps_hat = predicted_eps(denoise_fn, parameterization, z_t, gamma_t)
         noise = _step_noise(rng, shape, steps, j) if eta > 0 else None
-        return ddim_step(z_t, eps_hat, gamma_s, gamma_t, eta=eta, noise=noise), state
+        return ddim_step(z_t, eps_hat, gamma_t, gamma_s, eta=eta, noise=noise), state
 
-    return _scan_grid(step, _initial_latent(rng, shape, steps, z_1), None,
-                      _grid_gammas(gamma_fn, grid, steps), return_trajectory)
+    gammas = gamma_fn(time_grid(grid, gamma_fn, steps))
+    return _scan_grid(step, _initial_latent(rng, shape, steps, z_1), None, gammas, return_trajectory=return_trajectory)
 
 
-def ddim_invert(denoise_fn, gamma_fn, z_0, *, steps: int, parameterization: str = "eps",
-                grid: str = "uniform", fixed_point_iterations: int = 10, return_trajectory: bool = False):
-    """z_1 from z_0 by inverting deterministic DDIM (eta = 0) step by step, from t = 0 up the grid.
+def dpm_solver_pp_sample(
+    rng,
+    denoise_fn,
+    gamma_fn,
+    shape,
+    *,
+    steps: int,
+    parameterization: str = "eps",
+    grid: str = "uniform",
+    z_1=None,
+    return_trajectory: bool = False,
+):
+    """z_0 by DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): the first step first order, then multistep.
+
+    Deterministic given z_1. The paper's own grid is uniform in log-SNR (grid="log_snr").
+    """
+    check_sampler_settings(steps, parameterization, grid)
+
+    def step(z_t, state, j, gamma_t, gamma_s):
+        x0_previous, h_previous = state
+        x0_hat = x0_from_eps(predicted_eps(denoise_fn, parameterization, z_t, gamma_t), z_t, gamma_t)
+        h = 0.5 * (gamma_t - gamma_s)
+        correction = jnp.where(j == 0, 0.0, h / (2.0 * h_previous))  # 1 / (2 r); none on the first step
+        estimate = x0_hat + correction * (x0_hat - x0_previous)
+        return dpm_solver_pp_step(z_t, estimate, gamma_t, gamma_s), (x0_hat, h)
+
+    z = _initial_latent(rng, shape, steps, z_1)
+    gammas = gamma_fn(time_grid(grid, gamma_fn, steps))
+    return _scan_grid(step, z, (jnp.zeros_like(z), jnp.ones(())), gammas, return_trajectory=return_trajectory)
+
+
+def ddim_invert(
+    denoise_fn,
+    gamma_fn,
+    z_0,
+    *,
+    steps: int,
+    parameterization: str = "eps",
+    grid: str = "uniform",
+    fixed_point_iterations: int = 10,
+    return_trajectory: bool = False,
+):
+    """(z_1, info) from z_0 by inverting deterministic DDIM (eta = 0) step by step, from t = 0 up the grid.
 
     The sampling step from t to s is z_s = alpha_s x_hat(z_t) + sigma_s eps_hat(z_t; t); its
     inverse is the z_t that solves z_t = alpha_t (z_s - sigma_s e) / alpha_s + sigma_t e with
@@ -164,48 +231,27 @@ def ddim_invert(denoise_fn, gamma_fn, z_0, *, steps: int, parameterization: str 
     iteration contracts (a small step; Pan et al. 2023, "Effective real image editing with
     accelerated iterative diffusion inversion"), `ddim_sample` from the z_1 returned reconstructs
     z_0 to float tolerance; 0 iterations is the first-order inversion, whose error shrinks only
-    linearly in 1 / steps (and was this function's only behaviour before the iterations were
-    added). Cost: steps (1 + fixed_point_iterations) denoiser calls. The trajectory runs from
-    z_0 to z_1 (increasing t).
+    linearly in 1 / steps. info["nfe"] = steps (1 + fixed_point_iterations); the trajectory runs
+    from z_0 to z_1 (increasing t).
     """
-    _check_settings(steps, parameterization, grid)
-    if (isinstance(fixed_point_iterations, bool) or not isinstance(fixed_point_iterations, (int, np.integer))
-            or fixed_point_iterations < 0):
-        raise ValueError(f"fixed_point_iterations={fixed_point_iterations!r} must be an integer >= 0")
+    check_sampler_settings(steps, parameterization, grid)
+    check_int("fixed_point_iterations", fixed_point_iterations, minimum=0)
 
     def step(z_s, state, j, gamma_s, gamma_t):
         def with_eps_at(z_t):
-            return ddim_step(z_s, _predicted_eps(denoise_fn, parameterization, z_t, gamma_t), gamma_t, gamma_s)
+            return ddim_step(z_s, predicted_eps(denoise_fn, parameterization, z_t, gamma_t), gamma_s, gamma_t)
 
-        first_order = ddim_step(z_s, _predicted_eps(denoise_fn, parameterization, z_s, gamma_s), gamma_t, gamma_s)
-        z_t = jax.lax.fori_loop(0, fixed_point_iterations, lambda _, z_t: with_eps_at(z_t), first_order)
-        return z_t, state
+        first_order = ddim_step(z_s, predicted_eps(denoise_fn, parameterization, z_s, gamma_s), gamma_s, gamma_t)
+        return jax.lax.fori_loop(0, fixed_point_iterations, lambda _, z_t: with_eps_at(z_t), first_order), state
 
-    return _scan_grid(step, z_0, None, _grid_gammas(gamma_fn, grid, steps)[::-1], return_trajectory)
-
-
-def dpm_solver_pp_sample(rng, denoise_fn, gamma_fn, shape, *, steps: int, parameterization: str = "eps",
-                         grid: str = "log_snr", return_trajectory: bool = False, z_1=None):
-    """z_0 by DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): the first step first order, then multistep.
-
-    Deterministic given z_1. The default grid is uniform in log-SNR, as in the paper.
-    """
-    _check_settings(steps, parameterization, grid)
-
-    def step(z_t, state, j, gamma_t, gamma_s):
-        x0_previous, h_previous = state
-        x0_hat = x0_from_eps(_predicted_eps(denoise_fn, parameterization, z_t, gamma_t), z_t, gamma_t)
-        h = 0.5 * (gamma_t - gamma_s)
-        correction = jnp.where(j == 0, 0.0, h / (2.0 * h_previous))  # 1 / (2 r); none on the first step
-        estimate = x0_hat + correction * (x0_hat - x0_previous)
-        return dpm_solver_pp_step(z_t, estimate, gamma_s, gamma_t), (x0_hat, h)
-
-    z = _initial_latent(rng, shape, steps, z_1)
-    return _scan_grid(step, z, (jnp.zeros_like(z), jnp.ones(())), _grid_gammas(gamma_fn, grid, steps),
-                      return_trajectory)
+    gammas = gamma_fn(time_grid(grid, gamma_fn, steps))[::-1]
+    return _scan_grid(
+        step, z_0, None, gammas, return_trajectory=return_trajectory, nfe_per_step=1 + fixed_point_iterations
+    )
 
 
 # Probability-flow ODE --------------------------------------------------------------------------
+
 
 def probability_flow_drift(denoise_fn, gamma_fn, parameterization: str = "eps"):
     """The drift f(t, z) of the probability-flow ODE dz/dt = f, in gamma form:
@@ -218,6 +264,7 @@ def probability_flow_drift(denoise_fn, gamma_fn, parameterization: str = "eps"):
     (Tweedie), i.e. -1/2 sigma_t^2 gamma' (z - eps_hat / sigma_t), the form above.
     gamma'(t) comes from autodiff of gamma_fn. t is a scalar; z is a batch [B, ...].
     """
+
     def drift(t, z):
         t = jnp.full((z.shape[0],), t, z.dtype)
         gamma, gamma_slope = jax.jvp(gamma_fn, (t,), (jnp.ones_like(t),))
@@ -228,8 +275,18 @@ def probability_flow_drift(denoise_fn, gamma_fn, parameterization: str = "eps"):
     return drift
 
 
-def solve_adaptive(vector_field, y0, t0: float, t1: float, *, initial_steps: int, rtol: float, atol: float,
-                   save_times=None, max_steps: int = 4096):
+def solve_adaptive(
+    vector_field,
+    y0,
+    t0: float,
+    t1: float,
+    *,
+    initial_steps: int,
+    rtol: float,
+    atol: float,
+    save_times=None,
+    max_steps: int = 4096,
+):
     """y(t1) for dy/dt = vector_field(t, y), y(t0) = y0, by Tsit5 with a PID step-size controller (diffrax).
 
     The initial step is (t1 - t0) / initial_steps; y may be a pytree; the error norm (RMS) and
@@ -238,40 +295,69 @@ def solve_adaptive(vector_field, y0, t0: float, t1: float, *, initial_steps: int
     """
     saveat = diffrax.SaveAt(t1=True) if save_times is None else diffrax.SaveAt(ts=save_times)
     solution = diffrax.diffeqsolve(
-        diffrax.ODETerm(lambda t, y, args: vector_field(t, y)), diffrax.Tsit5(), t0=t0, t1=t1,
-        dt0=(t1 - t0) / initial_steps, y0=y0, saveat=saveat,
-        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol), max_steps=max_steps)
+        diffrax.ODETerm(lambda t, y, args: vector_field(t, y)),
+        diffrax.Tsit5(),
+        t0=t0,
+        t1=t1,
+        dt0=(t1 - t0) / initial_steps,
+        y0=y0,
+        saveat=saveat,
+        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+        max_steps=max_steps,
+    )
     final = jax.tree.map(lambda y: y[-1], solution.ys)
     nfe = 1 + _TSIT5_NEW_EVALUATIONS_PER_STEP * solution.stats["num_steps"]
     return final, (None if save_times is None else solution.ys), nfe
 
 
-def ode_sample(rng, denoise_fn, gamma_fn, shape, *, steps: int, parameterization: str = "eps",
-               grid: str = "uniform", return_trajectory: bool = False, z_1=None, rtol: float = 1e-5,
-               atol: float = 1e-5):
+def ode_sample(
+    rng,
+    denoise_fn,
+    gamma_fn,
+    shape,
+    *,
+    steps: int,
+    parameterization: str = "eps",
+    grid: str = "uniform",
+    z_1=None,
+    return_trajectory: bool = False,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+):
     """z_0 by solving the probability-flow ODE (`probability_flow_drift`) from t = 1 to 0 adaptively.
 
     steps sets the initial step size 1 / steps and the grid of the returned trajectory; the
-    solver picks its own steps. Returns (z_0, NFE) or (z_0, trajectory, NFE): NFE is the number of
-    denoiser evaluations (a scalar array).
+    solver picks its own steps, and info["nfe"] counts its denoiser evaluations.
     """
-    _check_settings(steps, parameterization, grid)
+    check_sampler_settings(steps, parameterization, grid)
     z = _initial_latent(rng, shape, steps, z_1)
     save_times = time_grid(grid, gamma_fn, steps) if return_trajectory else None
-    z_0, trajectory, nfe = solve_adaptive(probability_flow_drift(denoise_fn, gamma_fn, parameterization), z,
-                                          1.0, 0.0, initial_steps=steps, rtol=rtol, atol=atol,
-                                          save_times=save_times)
-    return (z_0, trajectory, nfe) if return_trajectory else (z_0, nfe)
+    drift = probability_flow_drift(denoise_fn, gamma_fn, parameterization)
+    z_0, trajectory, nfe = solve_adaptive(
+        drift, z, 1.0, 0.0, initial_steps=steps, rtol=rtol, atol=atol, save_times=save_times
+    )
+    return z_0, _info(nfe, trajectory)
+
+
+SAMPLERS = {
+    "ancestral": ancestral_sample,
+    "ddim": ddim_sample,
+    "dpm_solver_pp": dpm_solver_pp_sample,
+    "ode": ode_sample,
+}
+
+
+def check_settings(name: str, settings) -> None:
+    """Raises ArgumentError for an unknown sampler or a setting it does not take (e.g. eta for
+    "ancestral"); the values are checked by the sampler itself."""
+    check_choice("sampler", name, SAMPLERS)
+    parameters = inspect.signature(SAMPLERS[name]).parameters
+    accepted = tuple(key for key, parameter in parameters.items() if parameter.kind is parameter.KEYWORD_ONLY)
+    for key, value in settings.items():
+        check(key in accepted, key, value, f"a setting of sampler {name!r}: one of {accepted}")
 
 
 def sample(name: str, rng, denoise_fn, gamma_fn, shape, *, steps: int, **settings):
-    """The sampler `name` (one of SAMPLERS) with its keyword settings; "ancestral" takes steps as T.
-
-    Returns what that sampler returns: z_0 or (z_0, trajectory); "ode" appends the NFE.
-    """
-    if name not in SAMPLERS:
-        raise ValueError(f"sampler={name!r} is not one of {SAMPLERS}")
-    if name == "ancestral":
-        return ancestral_sample(rng, denoise_fn, gamma_fn, shape, T=steps, **settings)
-    sampler = {"ddim": ddim_sample, "dpm_solver_pp": dpm_solver_pp_sample, "ode": ode_sample}[name]
-    return sampler(rng, denoise_fn, gamma_fn, shape, steps=steps, **settings)
+    """(z_0, info) of the sampler `name` (a key of SAMPLERS) with its keyword settings (`check_settings`)."""
+    check_settings(name, settings)
+    return SAMPLERS[name](rng, denoise_fn, gamma_fn, shape, steps=steps, **settings)

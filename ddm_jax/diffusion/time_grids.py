@@ -2,26 +2,18 @@
 
 Each grid is an array [steps + 1] computed in JAX (steps static), so it works under jit and
 for a learned gamma_fn whose parameters are traced. Grids defined in log-SNR are mapped to t
-by inverting gamma_fn, which is strictly increasing (DESIGN.md), by bisection.
+by inverting gamma_fn, which is strictly increasing, by bisection.
 """
+
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from ddm_jax.checks import check_choice, check_int
+from ddm_jax.diffusion.schedules import gamma_endpoints
 
 GRIDS = ("uniform", "log_snr", "edm")
 
 EDM_RHO = 7.0
-
-
-def check_steps(steps, argument: str = "steps") -> None:
-    """steps must be a Python (or NumPy) integer >= 1: it is a static shape."""
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"{argument}={steps!r} must be an integer >= 1 (the number of sampling steps)")
-
-
-def check_grid(name: str) -> None:
-    if name not in GRIDS:
-        raise ValueError(f"grid={name!r} is not one of {GRIDS}")
 
 
 def inverse_gamma(gamma_fn, gamma: jax.Array, *, iterations: int = 40) -> jax.Array:
@@ -48,11 +40,6 @@ def _times_of_gammas(gamma_fn, gammas: jax.Array) -> jax.Array:
     return jnp.concatenate([jnp.ones((1,)), interior, jnp.zeros((1,))])
 
 
-def _gamma_endpoints(gamma_fn):
-    gamma = gamma_fn(jnp.array([0.0, 1.0]))
-    return gamma[0], gamma[1]
-
-
 def uniform_grid(steps: int) -> jax.Array:
     """t_i = (steps - i) / steps: uniform in t."""
     return jnp.arange(steps, -1, -1, dtype=jnp.float32) / steps
@@ -60,7 +47,7 @@ def uniform_grid(steps: int) -> jax.Array:
 
 def log_snr_grid(gamma_fn, steps: int) -> jax.Array:
     """gamma(t_i) = gamma(1) + (i / steps)(gamma(0) - gamma(1)): uniform in log-SNR = -gamma."""
-    gamma_0, gamma_1 = _gamma_endpoints(gamma_fn)
+    gamma_0, gamma_1 = gamma_endpoints(gamma_fn)
     return _times_of_gammas(gamma_fn, jnp.linspace(gamma_1, gamma_0, steps + 1))
 
 
@@ -72,7 +59,7 @@ def edm_grid(gamma_fn, steps: int, rho: float = EDM_RHO) -> jax.Array:
     gamma_i = 2 rho log((1 - i/steps) exp(gamma(1) / (2 rho)) + (i/steps) exp(gamma(0) / (2 rho))).
     The grid ends at sigma_min (t = 0) rather than appending sigma = 0.
     """
-    gamma_0, gamma_1 = _gamma_endpoints(gamma_fn)
+    gamma_0, gamma_1 = gamma_endpoints(gamma_fn)
     fraction = jnp.linspace(0.0, 1.0, steps + 1)
     root_sigma = (1.0 - fraction) * jnp.exp(gamma_1 / (2.0 * rho)) + fraction * jnp.exp(gamma_0 / (2.0 * rho))
     return _times_of_gammas(gamma_fn, 2.0 * rho * jnp.log(root_sigma))
@@ -80,8 +67,8 @@ def edm_grid(gamma_fn, steps: int, rho: float = EDM_RHO) -> jax.Array:
 
 def time_grid(name: str, gamma_fn, steps: int) -> jax.Array:
     """The grid `name` (one of GRIDS) with steps + 1 points from t = 1 down to t = 0."""
-    check_grid(name)
-    check_steps(steps)
+    check_choice("grid", name, GRIDS)
+    check_int("steps", steps, minimum=1)
     if name == "uniform":
         return uniform_grid(steps)
     if name == "log_snr":

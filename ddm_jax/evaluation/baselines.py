@@ -1,9 +1,9 @@
 """Reference likelihoods that a generative model of the same data should beat."""
+
 import numpy as np
 
 
-def per_pixel_categorical_bpd(train: np.ndarray, test: np.ndarray, vocab_size: int,
-                              pseudo_count: float = 0.5) -> float:
+def per_pixel_categorical_bpd(train: np.ndarray, test: np.ndarray, vocab_size: int, pseudo_count: float = 0.5) -> float:
     """Test bits/dim of independent per-dimension categoricals fitted on `train`.
 
     p_d(v) = (n_d(v) + a) / (N + V a) with n_d(v) the train count of value v at dimension d

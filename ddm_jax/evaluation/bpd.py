@@ -1,4 +1,5 @@
 """Test bits/dim: the ELBO averaged over every example of a split, with its standard error."""
+
 import dataclasses
 from collections.abc import Callable, Iterable
 
@@ -33,8 +34,9 @@ class MaskedMoments:
         return float(np.sqrt(variance / max(self.count - 1, 1)))
 
 
-def evaluate_bpd(terms_fn: Callable, params, rng: jax.Array, batches: Iterable[dict], *,
-                 num_dims: int, num_time_samples: int = 1) -> dict[str, float]:
+def evaluate_bpd(
+    terms_fn: Callable, params, rng: jax.Array, batches: Iterable[dict], *, num_dims: int, num_time_samples: int = 1
+) -> dict[str, float]:
     """Mean and standard error of the ELBO in bits/dim over all examples of `batches`.
 
     terms_fn(params, rng, batch) -> per-example terms [B] (nats; "bpd" in bits/dim), as

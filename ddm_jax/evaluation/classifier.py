@@ -9,10 +9,11 @@ writes DIR/classifier.npz. The file holds the parameters and the architecture (t
 `architecture` lists), so `load_classifier` rebuilds the network and refuses a file whose
 architecture differs from the one expected, naming the field.
 """
+
+import itertools
 import json
 import os
 from collections.abc import Mapping
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -22,14 +23,13 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from ddm_jax.checks import PyTree, as_json
 from ddm_jax.data import DatasetSpec, dataset_spec, train_batches
 from ddm_jax.diffusion import encode
 from ddm_jax.evaluation.frechet import batched_features
 
-PyTree = Any
 CLASSIFIER_FILE = "classifier.npz"
-TRAIN_COMMAND = ("python -m experiments.train_digits_classifier --config=configs/digits_classifier.py "
-                 "--workdir=DIR")
+TRAIN_COMMAND = "python -m experiments.train_digits_classifier --config=configs/digits_classifier.py --workdir=DIR"
 _PARAMS_PREFIX = "params/"
 
 
@@ -57,19 +57,25 @@ class Classifier(nn.Module):
 def architecture(config: ml_collections.ConfigDict, spec: DatasetSpec) -> dict:
     """What fixes the parameter shapes: the data's image_shape, vocab_size, num_classes and the
     config's classifier.channels and classifier.features (lists for tuples, as JSON stores them)."""
-    return _as_json({"image_shape": spec.image_shape, "vocab_size": spec.vocab_size,
-                     "num_classes": spec.num_classes, "channels": tuple(config.classifier.channels),
-                     "features": config.classifier.features})
-
-
-def _as_json(mapping: Mapping) -> dict:
-    return json.loads(json.dumps(dict(mapping)))
+    return as_json(
+        {
+            "image_shape": spec.image_shape,
+            "vocab_size": spec.vocab_size,
+            "num_classes": spec.num_classes,
+            "channels": tuple(config.classifier.channels),
+            "features": config.classifier.features,
+        }
+    )
 
 
 def build_classifier(architecture: Mapping) -> Classifier:
     """The Classifier module that `architecture` describes (image_shape is the input's, not a field)."""
-    return Classifier(vocab_size=architecture["vocab_size"], num_classes=architecture["num_classes"],
-                      channels=tuple(architecture["channels"]), features=architecture["features"])
+    return Classifier(
+        vocab_size=architecture["vocab_size"],
+        num_classes=architecture["num_classes"],
+        channels=tuple(architecture["channels"]),
+        features=architecture["features"],
+    )
 
 
 class TrainedClassifier:
@@ -78,7 +84,7 @@ class TrainedClassifier:
     function as arguments, never as compile-time constants."""
 
     def __init__(self, architecture: Mapping, params: PyTree):
-        self.architecture = _as_json(architecture)
+        self.architecture = as_json(architecture)
         self.params = params
         self.image_shape = tuple(self.architecture["image_shape"])
         self.model = build_classifier(self.architecture)
@@ -88,8 +94,10 @@ class TrainedClassifier:
         k = np.asarray(k)
         vocab_size = self.architecture["vocab_size"]
         if not np.issubdtype(k.dtype, np.integer) or k.shape[1:] != self.image_shape:
-            raise ValueError(f"images of dtype {k.dtype} and shape {k.shape}: expected integers of shape "
-                             f"[N, {', '.join(map(str, self.image_shape))}] (the classifier's image_shape)")
+            raise ValueError(
+                f"images of dtype {k.dtype} and shape {k.shape}: expected integers of shape "
+                f"[N, {', '.join(map(str, self.image_shape))}] (the classifier's image_shape)"
+            )
         if k.size and not (k.min() >= 0 and k.max() < vocab_size):
             raise ValueError(f"image values span [{k.min()}, {k.max()}]: expected values in [0, {vocab_size})")
         return self._apply({"params": self.params}, k)
@@ -103,8 +111,12 @@ class TrainedClassifier:
 
 def check_config(config: ml_collections.ConfigDict) -> DatasetSpec:
     """Validates the classifier config against the data; returns the dataset spec. No compilation."""
-    for section, field in (("classifier", "features"), ("training", "batch_size"), ("training", "num_steps"),
-                           ("eval", "batch_size")):
+    for section, field in (
+        ("classifier", "features"),
+        ("training", "batch_size"),
+        ("training", "num_steps"),
+        ("eval", "batch_size"),
+    ):
         value = config[section][field]
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{section}.{field}={value!r} must be an integer >= 1")
@@ -119,8 +131,10 @@ def check_config(config: ml_collections.ConfigDict) -> DatasetSpec:
     if spec.num_classes is None:
         raise ValueError(f"data.dataset={spec.name!r} has no class labels; expected a labelled dataset")
     if 2 ** len(channels) > min(spec.image_shape[:2]):
-        raise ValueError(f"classifier.channels={channels!r} halves the resolution {len(channels)} times; "
-                         f"expected at most log2 of the smallest side of the {spec.image_shape} images")
+        raise ValueError(
+            f"classifier.channels={channels!r} halves the resolution {len(channels)} times; "
+            f"expected at most log2 of the smallest side of the {spec.image_shape} images"
+        )
     return spec
 
 
@@ -130,8 +144,14 @@ def cross_entropy(model: Classifier, params: PyTree, images: jax.Array, labels: 
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def train_step(model: Classifier, optimizer: optax.GradientTransformation, params: PyTree, opt_state: PyTree,
-               images: jax.Array, labels: jax.Array) -> tuple[PyTree, PyTree, jax.Array]:
+def train_step(
+    model: Classifier,
+    optimizer: optax.GradientTransformation,
+    params: PyTree,
+    opt_state: PyTree,
+    images: jax.Array,
+    labels: jax.Array,
+) -> tuple[PyTree, PyTree, jax.Array]:
     """One optimizer step on the cross-entropy: (params, opt_state, loss before the step)."""
     loss, grads = jax.value_and_grad(cross_entropy, argnums=1)(model, params, images, labels)
     updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -147,9 +167,10 @@ def train_classifier(config: ml_collections.ConfigDict) -> TrainedClassifier:
     optimizer = optax.adamw(config.optimizer.lr, weight_decay=config.optimizer.weight_decay)
     opt_state = optimizer.init(params)
     step = jax.jit(lambda *args: train_step(model, optimizer, *args))
-    batches = train_batches(spec, batch_size=config.training.batch_size, seed=config.training.seed,
-                            data_dir=config.data.data_dir)
-    for _, batch in zip(range(config.training.num_steps), batches):
+    batches = train_batches(
+        spec, batch_size=config.training.batch_size, seed=config.training.seed, data_dir=config.data.data_dir
+    )
+    for batch in itertools.islice(batches, config.training.num_steps):
         params, opt_state, _ = step(params, opt_state, batch["image"], batch["label"])
     return TrainedClassifier(arch, params)
 
@@ -165,8 +186,10 @@ def save_classifier(path: str | os.PathLike, classifier: TrainedClassifier) -> N
     path = os.fspath(path)
     if os.path.exists(path):
         raise FileExistsError(f"{path} exists; give another path or move it away yourself (nothing was changed)")
-    arrays = {_PARAMS_PREFIX + name: np.asarray(value)
-              for name, value in traverse_util.flatten_dict(classifier.params, sep="/").items()}
+    arrays = {
+        _PARAMS_PREFIX + name: np.asarray(value)
+        for name, value in traverse_util.flatten_dict(classifier.params, sep="/").items()
+    }
     temporary = f"{path}.tmp"
     with open(temporary, "wb") as file:
         np.savez(file, architecture=np.array(json.dumps(classifier.architecture)), **arrays)
@@ -179,15 +202,19 @@ def load_classifier(path: str | os.PathLike, expected: Mapping | None = None) ->
     whose stored value differs."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no trained classifier at {path}; train one with `{TRAIN_COMMAND}`, "
-                                f"which writes DIR/{CLASSIFIER_FILE}")
+        raise FileNotFoundError(
+            f"no trained classifier at {path}; train one with `{TRAIN_COMMAND}`, which writes DIR/{CLASSIFIER_FILE}"
+        )
     with np.load(path) as stored:
         stored_architecture = json.loads(str(stored["architecture"]))
         params = traverse_util.unflatten_dict(
-            {name[len(_PARAMS_PREFIX):]: stored[name] for name in stored.files if name.startswith(_PARAMS_PREFIX)},
-            sep="/")
-    for field, value in _as_json(expected or {}).items():
+            {name[len(_PARAMS_PREFIX) :]: stored[name] for name in stored.files if name.startswith(_PARAMS_PREFIX)},
+            sep="/",
+        )
+    for field, value in as_json(expected or {}).items():
         if stored_architecture.get(field) != value:
-            raise ValueError(f"classifier {path} has {field}={stored_architecture.get(field)!r}, expected "
-                             f"{field}={value!r}; train a matching one with `{TRAIN_COMMAND}`")
+            raise ValueError(
+                f"classifier {path} has {field}={stored_architecture.get(field)!r}, expected "
+                f"{field}={value!r}; train a matching one with `{TRAIN_COMMAND}`"
+            )
     return TrainedClassifier(stored_architecture, jax.tree.map(jnp.asarray, params))

@@ -7,6 +7,7 @@ matrix inside is symmetric positive semi-definite, so its square root comes from
 eigen-decomposition with no complex parts; eigenvalues that round below zero (near-singular
 covariances, fewer samples than features) are clipped to zero instead of adding an eps I offset.
 """
+
 import numpy as np
 
 
@@ -36,25 +37,32 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
     features = mu1.shape[0]
-    for name, value, shape in (("mu2", mu2, (features,)), ("cov1", cov1, (features, features)),
-                               ("cov2", cov2, (features, features))):
+    for name, value, shape in (
+        ("mu2", mu2, (features,)),
+        ("cov1", cov1, (features, features)),
+        ("cov2", cov2, (features, features)),
+    ):
         if value.shape != shape:
             raise ValueError(f"{name} has shape {value.shape}; expected {shape} to match mu1 {mu1.shape}")
-    distance = (np.sum(np.square(mu1 - mu2)) + np.trace(cov1) + np.trace(cov2)
-                - 2.0 * trace_sqrt_product(cov1, cov2))
+    distance = np.sum(np.square(mu1 - mu2)) + np.trace(cov1) + np.trace(cov2) - 2.0 * trace_sqrt_product(cov1, cov2)
     return float(max(distance, 0.0))
 
 
 def batched_features(feature_fn, samples, batch_size: int) -> np.ndarray:
     """feature_fn over samples [N, ...] in batches of at most batch_size, concatenated: [N, F]."""
-    return np.concatenate([np.asarray(feature_fn(samples[start:start + batch_size]), np.float64)
-                           for start in range(0, len(samples), batch_size)])
+    return np.concatenate(
+        [
+            np.asarray(feature_fn(samples[start : start + batch_size]), np.float64)
+            for start in range(0, len(samples), batch_size)
+        ]
+    )
 
 
 def frechet_distance_of(feature_fn, samples_a, samples_b, batch_size: int) -> float:
     """Frechet distance between the feature statistics of two sample sets (feature_fn: [b, ...] -> [b, F])."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
-    statistics = [feature_statistics(batched_features(feature_fn, samples, batch_size))
-                  for samples in (samples_a, samples_b)]
+    statistics = [
+        feature_statistics(batched_features(feature_fn, samples, batch_size)) for samples in (samples_a, samples_b)
+    ]
     return frechet_distance(*statistics[0], *statistics[1])

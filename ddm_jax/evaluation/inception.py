@@ -21,6 +21,7 @@ model on random weights, converted by experiments/convert_inception_weights.py, 
 to 6e-7 relative in pool3 features (inputs of 32 to 500 pixels) and in logits. Agreement with published
 FID values is unchecked.
 """
+
 import functools
 import os
 import types
@@ -34,15 +35,17 @@ from flax import traverse_util
 
 INPUT_SIZE = 299
 NUM_LOGITS = 1008
-TORCH_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                     "pt_inception-2015-12-05-6726825d.pth")
+TORCH_WEIGHTS_URL = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+)
 WEIGHTS_HELP = (
     "The FID Inception-v3 weights are not downloaded at run time. Download pytorch-fid's "
     f"weights {TORCH_WEIGHTS_URL} and convert them once (needs torch, which is not a "
     "dependency of ddm_jax):\n"
     "  python -m experiments.convert_inception_weights "
     "--torch_weights=pt_inception-2015-12-05-6726825d.pth --npz={path}\n"
-    "(run from the ddm_jax repository root).")
+    "(run from the ddm_jax repository root)."
+)
 
 
 class BasicConv2d(nn.Module):
@@ -59,8 +62,9 @@ class BasicConv2d(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nn.Conv(self.features, self.kernel_size, strides=self.strides, padding=self.padding,
-                    use_bias=False, name="conv")(x)
+        x = nn.Conv(
+            self.features, self.kernel_size, strides=self.strides, padding=self.padding, use_bias=False, name="conv"
+        )(x)
         x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name="bn")(x)
         return nn.relu(x)
 
@@ -100,8 +104,7 @@ class InceptionB(nn.Module):
         branch3x3 = BasicConv2d(384, (3, 3), strides=2, padding="VALID", name="branch3x3")(x)
         branch3x3dbl = BasicConv2d(64, (1, 1), name="branch3x3dbl_1")(x)
         branch3x3dbl = BasicConv2d(96, (3, 3), name="branch3x3dbl_2")(branch3x3dbl)
-        branch3x3dbl = BasicConv2d(96, (3, 3), strides=2, padding="VALID",
-                                   name="branch3x3dbl_3")(branch3x3dbl)
+        branch3x3dbl = BasicConv2d(96, (3, 3), strides=2, padding="VALID", name="branch3x3dbl_3")(branch3x3dbl)
         return jnp.concatenate([branch3x3, branch3x3dbl, max_pool_3x3(x, stride=2)], axis=-1)
 
 
@@ -139,8 +142,7 @@ class InceptionD(nn.Module):
         branch7x7x3 = BasicConv2d(192, (1, 1), name="branch7x7x3_1")(x)
         branch7x7x3 = BasicConv2d(192, (1, 7), name="branch7x7x3_2")(branch7x7x3)
         branch7x7x3 = BasicConv2d(192, (7, 1), name="branch7x7x3_3")(branch7x7x3)
-        branch7x7x3 = BasicConv2d(192, (3, 3), strides=2, padding="VALID",
-                                  name="branch7x7x3_4")(branch7x7x3)
+        branch7x7x3 = BasicConv2d(192, (3, 3), strides=2, padding="VALID", name="branch7x7x3_4")(branch7x7x3)
         return jnp.concatenate([branch3x3, branch7x7x3, max_pool_3x3(x, stride=2)], axis=-1)
 
 
@@ -156,12 +158,16 @@ class InceptionE(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         branch1x1 = BasicConv2d(320, (1, 1), name="branch1x1")(x)
         branch3x3 = BasicConv2d(384, (1, 1), name="branch3x3_1")(x)
-        branch3x3 = [BasicConv2d(384, (1, 3), name="branch3x3_2a")(branch3x3),
-                     BasicConv2d(384, (3, 1), name="branch3x3_2b")(branch3x3)]
+        branch3x3 = [
+            BasicConv2d(384, (1, 3), name="branch3x3_2a")(branch3x3),
+            BasicConv2d(384, (3, 1), name="branch3x3_2b")(branch3x3),
+        ]
         branch3x3dbl = BasicConv2d(448, (1, 1), name="branch3x3dbl_1")(x)
         branch3x3dbl = BasicConv2d(384, (3, 3), name="branch3x3dbl_2")(branch3x3dbl)
-        branch3x3dbl = [BasicConv2d(384, (1, 3), name="branch3x3dbl_3a")(branch3x3dbl),
-                        BasicConv2d(384, (3, 1), name="branch3x3dbl_3b")(branch3x3dbl)]
+        branch3x3dbl = [
+            BasicConv2d(384, (1, 3), name="branch3x3dbl_3a")(branch3x3dbl),
+            BasicConv2d(384, (3, 1), name="branch3x3dbl_3b")(branch3x3dbl),
+        ]
         pooled = {"avg": avg_pool_3x3, "max": functools.partial(max_pool_3x3, stride=1)}[self.pool](x)
         branch_pool = BasicConv2d(192, (1, 1), name="branch_pool")(pooled)
         return jnp.concatenate([branch1x1, *branch3x3, *branch3x3dbl, branch_pool], axis=-1)
@@ -207,12 +213,13 @@ def check_images(images) -> np.ndarray:
     """images as a host array, or ValueError unless they are [N, H, W, 3] RGB in [0, 255]."""
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
-        raise ValueError(f"Inception features: images of shape {images.shape}; expected "
-                         "[N, H, W, 3] RGB with N >= 1")
+        raise ValueError(f"Inception features: images of shape {images.shape}; expected [N, H, W, 3] RGB with N >= 1")
     low, high = images.min(), images.max()
     if low < 0 or high > 255:
-        raise ValueError(f"Inception features: image values span [{low}, {high}]; expected [0, 255] "
-                         "(uint8 scale, e.g. evaluation.images.to_uint8)")
+        raise ValueError(
+            f"Inception features: image values span [{low}, {high}]; expected [0, 255] "
+            "(uint8 scale, e.g. evaluation.images.to_uint8)"
+        )
     return images
 
 
@@ -231,23 +238,30 @@ def inception_feature_fn(variables):
 @functools.cache
 def expected_shapes() -> Mapping[str, tuple[int, ...]]:
     """Flat variable path ("params/Mixed_7c/branch_pool/conv/kernel", ...) -> shape (read-only)."""
-    abstract = jax.eval_shape(FIDInceptionV3().init, jax.random.key(0),
-                              jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32))
-    return types.MappingProxyType({path: tuple(leaf.shape) for path, leaf
-                                   in traverse_util.flatten_dict(abstract, sep="/").items()})
+    abstract = jax.eval_shape(
+        FIDInceptionV3().init, jax.random.key(0), jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
+    )
+    return types.MappingProxyType(
+        {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(abstract, sep="/").items()}
+    )
 
 
 def check_flat_variables(flat: dict, source: str) -> None:
     """ValueError naming every missing, unexpected or mis-shaped path of flat variables."""
     expected = expected_shapes()
-    problems = ([f"missing {path!r} {shape}" for path, shape in expected.items() if path not in flat]
-                + [f"unexpected {path!r}" for path in flat if path not in expected]
-                + [f"{path!r} has shape {tuple(np.shape(flat[path]))}, expected {shape}"
-                   for path, shape in expected.items()
-                   if path in flat and tuple(np.shape(flat[path])) != shape])
+    problems = (
+        [f"missing {path!r} {shape}" for path, shape in expected.items() if path not in flat]
+        + [f"unexpected {path!r}" for path in flat if path not in expected]
+        + [
+            f"{path!r} has shape {tuple(np.shape(flat[path]))}, expected {shape}"
+            for path, shape in expected.items()
+            if path in flat and tuple(np.shape(flat[path])) != shape
+        ]
+    )
     if problems:
-        raise ValueError(f"{source}: {len(problems)} problem(s) with the FID Inception-v3 "
-                         f"variables: {'; '.join(problems)}")
+        raise ValueError(
+            f"{source}: {len(problems)} problem(s) with the FID Inception-v3 variables: {'; '.join(problems)}"
+        )
 
 
 def save_inception_variables(variables, path: str) -> None:
@@ -293,8 +307,9 @@ def torch_state_dict_to_flax(state_dict: dict) -> dict[str, np.ndarray]:
             continue
         suffix = ".".join(parts[-2:])
         if suffix not in _TORCH_TO_FLAX:
-            raise ValueError(f"torch parameter {name!r}: unknown kind {suffix!r}; expected one of "
-                             f"{sorted(_TORCH_TO_FLAX)}")
+            raise ValueError(
+                f"torch parameter {name!r}: unknown kind {suffix!r}; expected one of {sorted(_TORCH_TO_FLAX)}"
+            )
         collection, flax_suffix, axes = _TORCH_TO_FLAX[suffix]
         value = np.asarray(value, np.float32)
         flat["/".join([collection, *parts[:-2], flax_suffix])] = value if axes is None else value.transpose(axes)

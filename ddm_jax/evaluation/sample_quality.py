@@ -11,6 +11,7 @@ features f and logits l:
 A sampler that misses or over-weights classes raises the total variation even when its images
 look fine one by one; blurry or ambiguous samples lower the mean max-probability.
 """
+
 import numpy as np
 import scipy.special
 
@@ -35,8 +36,9 @@ def sample_quality(features_fn, logits_fn, samples, reference, batch_size: int) 
     The distributions are numpy arrays [classes]; the other values are floats.
     """
     distance = frechet.frechet_distance_of(features_fn, samples, reference, batch_size)
-    sample_logits, reference_logits = (frechet.batched_features(logits_fn, images, batch_size)
-                                       for images in (samples, reference))
+    sample_logits, reference_logits = (
+        frechet.batched_features(logits_fn, images, batch_size) for images in (samples, reference)
+    )
     p, q = class_distribution(sample_logits), class_distribution(reference_logits)
     return {
         "frechet_distance": distance,

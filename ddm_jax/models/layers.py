@@ -11,12 +11,15 @@ embedding (GammaEmbedding), GroupNorm statistics (flax computes them in float32)
 attention softmax (MultiHeadAttention.attention_weights) and the Fourier features of z
 (base2_fourier_features, used before the network casts z to `dtype`).
 """
+
 import math
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from ddm_jax.checks import ArgumentError, check, check_int, check_interval, is_int
 
 MAX_GROUPS = 32
 
@@ -25,9 +28,9 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 Dtype = Any  # a jnp dtype such as jnp.float32
 
 
-def compute_dtype(field: str, value) -> Dtype:
+def compute_dtype(argument: str, value) -> Dtype:
     """The jnp computation dtype `value` names: one of COMPUTE_DTYPES' names ("float32",
-    "bfloat16") or that dtype itself. Raises ValueError naming `field` otherwise."""
+    "bfloat16") or that dtype itself. Raises ArgumentError naming `argument` otherwise."""
     if isinstance(value, str) or value is None:  # (np.dtype(None) would be float64)
         name = value
     else:
@@ -37,7 +40,7 @@ def compute_dtype(field: str, value) -> Dtype:
             name = None
     if name not in COMPUTE_DTYPES:
         shown = value if isinstance(value, str) or name is None else name
-        raise ValueError(f"{field}={shown!r} is not one of {tuple(COMPUTE_DTYPES)}")
+        raise ArgumentError(argument, shown, f"one of {tuple(COMPUTE_DTYPES)}")
     return COMPUTE_DTYPES[name]
 
 
@@ -53,15 +56,13 @@ def num_groups(channels: int, max_groups: int = MAX_GROUPS) -> int:
     return max(g for g in range(1, largest + 1) if channels % g == 0)
 
 
-def group_norm(channels: int, name: Optional[str] = None, dtype: Dtype = jnp.float32) -> nn.GroupNorm:
+def group_norm(channels: int, name: str | None = None, dtype: Dtype = jnp.float32) -> nn.GroupNorm:
     """GroupNorm over `channels` channels with `num_groups(channels)` groups, returning
     `dtype` (flax computes its statistics and the normalisation in float32)."""
     return nn.GroupNorm(num_groups=num_groups(channels), name=name, dtype=dtype)
 
 
-def zero_conv(
-    features: int, kernel_size=(3, 3), name: Optional[str] = None, dtype: Dtype = jnp.float32
-) -> nn.Conv:
+def zero_conv(features: int, kernel_size=(3, 3), name: str | None = None, dtype: Dtype = jnp.float32) -> nn.Conv:
     """Convolution whose kernel and bias start at exactly zero (it outputs 0 at init),
     computed in `dtype`."""
     return nn.Conv(
@@ -113,37 +114,20 @@ def base2_fourier_features(z: jax.Array, first: int, last: int, step: int) -> ja
     return jnp.concatenate([z, jnp.sin(f), jnp.cos(f)], axis=-1)
 
 
-def check_field(ok: bool, field: str, value, expected: str) -> None:
-    """Raises ValueError("{field}={value!r}; expected {expected}") unless `ok`."""
-    if not ok:
-        raise ValueError(f"{field}={value!r}; expected {expected}")
+def check_optional_dim(argument: str, value) -> None:
+    """None or a positive integer (a feature width)."""
+    check(value is None or (is_int(value) and value >= 1), argument, value, "None or a positive integer")
 
 
-def is_int_at_least(value, minimum: int) -> bool:
-    """Whether `value` is an int (not a bool) >= minimum."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+def check_shared_fields(dropout: float, gamma_min: float, gamma_max: float, cond_dim, num_heads: int) -> None:
+    """Checks the attributes both networks have."""
+    check_interval("dropout", dropout, 0.0, 1.0)
+    check(gamma_min < gamma_max, "gamma_max", gamma_max, f"a value > gamma_min={gamma_min!r}")
+    check_optional_dim("cond_dim", cond_dim)
+    check_int("num_heads", num_heads, minimum=1)
 
 
-def check_optional_dim(field: str, value) -> None:
-    """Raises ValueError unless `value` is None or a positive int (a feature width)."""
-    check_field(value is None or is_int_at_least(value, 1), field, value, "None or a positive integer")
-
-
-def check_shared_fields(
-    prefix: str, dropout: float, gamma_min: float, gamma_max: float, cond_dim, num_heads: int
-) -> None:
-    """Checks the fields both networks have, named `{prefix}.{field}` in errors."""
-    check_field(0.0 <= dropout < 1.0, f"{prefix}.dropout", dropout, "a rate in [0, 1)")
-    check_field(
-        gamma_min < gamma_max, f"{prefix}.gamma_max", gamma_max, f"a value > {prefix}.gamma_min={gamma_min!r}"
-    )
-    check_optional_dim(f"{prefix}.cond_dim", cond_dim)
-    check_field(is_int_at_least(num_heads, 1), f"{prefix}.num_heads", num_heads, "a positive integer")
-
-
-def check_feature_input(
-    field: str, dim: Optional[int], value: Optional[jax.Array], arg: str, rank: int, batch: int
-) -> None:
+def check_feature_input(field: str, dim: int | None, value: jax.Array | None, arg: str, rank: int, batch: int) -> None:
     """Raises ValueError unless `value` is None exactly when `dim` is None, and otherwise
     has rank `rank`, leading size `batch` and trailing size `dim`."""
     if dim is None and value is not None:
@@ -156,8 +140,7 @@ def check_feature_input(
     if value is not None and (value.ndim != rank or value.shape[0] != batch or value.shape[-1] != dim):
         expected = (batch, *(["L"] * (rank - 2)), dim)
         raise ValueError(
-            f"{field}={dim} expects `{arg}` of shape ({', '.join(map(str, expected))}); "
-            f"got {tuple(value.shape)}"
+            f"{field}={dim} expects `{arg}` of shape ({', '.join(map(str, expected))}); got {tuple(value.shape)}"
         )
 
 
@@ -183,7 +166,7 @@ class GammaEmbedding(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, gamma: jax.Array, cond: Optional[jax.Array] = None) -> jax.Array:
+    def __call__(self, gamma: jax.Array, cond: jax.Array | None = None) -> jax.Array:
         gamma = jnp.asarray(gamma)
         gamma = gamma.astype(jnp.promote_types(gamma.dtype, jnp.float32))
         t = (gamma - self.gamma_min) / (self.gamma_max - self.gamma_min)
@@ -236,9 +219,7 @@ class MultiHeadAttention(nn.Module):
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         channels = x.shape[-1]
         if channels % self.num_heads:
-            raise ValueError(
-                f"num_heads={self.num_heads} must divide the attention width; got {channels} channels"
-            )
+            raise ValueError(f"num_heads={self.num_heads} must divide the attention width; got {channels} channels")
         heads = (self.num_heads, channels // self.num_heads)
         q = nn.DenseGeneral(heads, dtype=self.dtype, name="query")(x)
         k = nn.DenseGeneral(heads, dtype=self.dtype, name="key")(context)
@@ -281,7 +262,7 @@ class AttentionBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: Optional[jax.Array] = None) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         x = x.astype(self.dtype)
         batch, height, width, channels = x.shape
 

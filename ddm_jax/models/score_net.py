@@ -1,10 +1,10 @@
 """VDM's resolution-preserving score network (google-research/vdm ScoreUNet)."""
-from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddm_jax.checks import ArgumentError, check, check_int
 from ddm_jax.models.layers import (
     AttentionBlock,
     Dtype,
@@ -13,13 +13,9 @@ from ddm_jax.models.layers import (
     ResBlock,
     base2_fourier_features,
     check_feature_input,
-    check_field,
     check_shared_fields,
     compute_dtype,
-    is_int_at_least,
 )
-
-CONFIG_PATH = "model.score_net"
 
 
 class ScoreNet(nn.Module):
@@ -68,7 +64,7 @@ class ScoreNet(nn.Module):
     num_heads: int = 1
     gamma_min: float = -13.3
     gamma_max: float = 5.0
-    cond_dim: Optional[int] = None
+    cond_dim: int | None = None
     dtype: Dtype = jnp.float32
 
     def __post_init__(self):
@@ -77,45 +73,36 @@ class ScoreNet(nn.Module):
 
     @nn.nowrap
     def check_fields(self) -> None:
-        """Raises ValueError naming the first invalid attribute."""
-        p = CONFIG_PATH
-        check_field(
-            is_int_at_least(self.embedding_dim, 4), f"{p}.embedding_dim", self.embedding_dim, "an integer >= 4"
-        )
-        check_field(is_int_at_least(self.n_layers, 0), f"{p}.n_layers", self.n_layers, "an integer >= 0")
-        check_field(
-            is_int_at_least(self.fourier_step, 1), f"{p}.fourier_step", self.fourier_step, "a positive integer"
-        )
-        check_field(
+        """Raises ArgumentError naming the first invalid attribute."""
+        check_int("embedding_dim", self.embedding_dim, minimum=4)
+        check_int("n_layers", self.n_layers, minimum=0)
+        check_int("fourier_step", self.fourier_step, minimum=1)
+        check(
             self.fourier_last >= self.fourier_first,
-            f"{p}.fourier_last",
+            "fourier_last",
             self.fourier_last,
-            f"a value >= {p}.fourier_first={self.fourier_first}",
+            f"a value >= fourier_first={self.fourier_first}",
         )
-        check_field(
-            is_int_at_least(self.attention_every, 0),
-            f"{p}.attention_every",
-            self.attention_every,
-            "an integer >= 0",
-        )
-        check_shared_fields(p, self.dropout, self.gamma_min, self.gamma_max, self.cond_dim, self.num_heads)
-        compute_dtype(f"{p}.dtype", self.dtype)
+        check_int("attention_every", self.attention_every, minimum=0)
+        check_shared_fields(self.dropout, self.gamma_min, self.gamma_max, self.cond_dim, self.num_heads)
+        compute_dtype("dtype", self.dtype)
         if self.with_attention:
-            check_field(
+            check(
                 self.embedding_dim % self.num_heads == 0,
-                f"{p}.num_heads",
+                "num_heads",
                 self.num_heads,
-                f"a divisor of {p}.embedding_dim={self.embedding_dim}",
+                f"a divisor of embedding_dim={self.embedding_dim}",
             )
 
     @nn.nowrap
     def check_input_shape(self, shape) -> None:
         """Accepts any image shape (height, width, channels) with positive sizes."""
-        if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(
-                f"{CONFIG_PATH} expects an image shape (height, width, channels) with positive "
-                f"sizes; got image shape {tuple(shape)}"
-            )
+        check(
+            len(shape) == 3 and min(shape) >= 1,
+            "image_shape",
+            tuple(shape),
+            "(height, width, channels) with positive sizes",
+        )
 
     @nn.nowrap
     def has_attention_after(self, block: int) -> bool:
@@ -124,14 +111,14 @@ class ScoreNet(nn.Module):
 
     @nn.compact
     def __call__(
-        self, z: jax.Array, gamma: jax.Array, *, cond: Optional[jax.Array] = None, train: bool = False
+        self, z: jax.Array, gamma: jax.Array, *, cond: jax.Array | None = None, train: bool = False
     ) -> jax.Array:
         """eps_hat for z [B, H, W, C], gamma [B] (or scalar), cond [B, cond_dim] -> float32
         [B, H, W, C]."""
         if z.ndim != 4:
-            raise ValueError(f"{CONFIG_PATH} expects z of shape [B, H, W, C]; got {tuple(z.shape)}")
+            raise ArgumentError("z", f"an array of shape {tuple(z.shape)}", "shape [B, H, W, C]")
         self.check_input_shape(z.shape[1:])
-        check_feature_input(f"{CONFIG_PATH}.cond_dim", self.cond_dim, cond, "cond", 2, z.shape[0])
+        check_feature_input("cond_dim", self.cond_dim, cond, "cond", 2, z.shape[0])
         gamma = jnp.broadcast_to(gamma, z.shape[:1])
         emb = GammaEmbedding(
             self.embedding_dim,

@@ -6,12 +6,14 @@ output head), each a module of its own, so a ControlNet can train a copy of the
 encoder (`UNet.build_encoder`, parameters under `params["encoder"]`) and feed its
 outputs back as `control` residuals.
 """
-from typing import Optional, Sequence
+
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddm_jax.checks import ArgumentError, check, check_int, is_int
 from ddm_jax.models.layers import (
     AttentionBlock,
     Dtype,
@@ -19,14 +21,10 @@ from ddm_jax.models.layers import (
     OutputHead,
     ResBlock,
     check_feature_input,
-    check_field,
     check_optional_dim,
     check_shared_fields,
     compute_dtype,
-    is_int_at_least,
 )
-
-CONFIG_PATH = "model.unet"
 
 
 def upsample_nearest(x: jax.Array) -> jax.Array:
@@ -43,13 +41,12 @@ def add_control(h: jax.Array, skips: Sequence[jax.Array], control: Sequence[jax.
             f"control has {len(control)} arrays; expected {len(skips) + 1}: one per skip "
             f"activation of UNet.encode ({len(skips)}) plus one for the middle output"
         )
-    for i, (c, target) in enumerate(zip(control, [*skips, h])):
+    for i, (c, target) in enumerate(zip(control, [*skips, h], strict=True)):
         if c.shape != target.shape:
             raise ValueError(
-                f"control[{i}] has shape {tuple(c.shape)}; expected {tuple(target.shape)} "
-                "(see UNet.control_shapes)"
+                f"control[{i}] has shape {tuple(c.shape)}; expected {tuple(target.shape)} (see UNet.control_shapes)"
             )
-    return h + control[-1], [s + c for s, c in zip(skips, control[:-1])]
+    return h + control[-1], [s + c for s, c in zip(skips, control[:-1], strict=True)]
 
 
 class UNetEncoder(nn.Module):
@@ -78,14 +75,14 @@ class UNetEncoder(nn.Module):
         z: jax.Array,
         gamma: jax.Array,
         *,
-        cond: Optional[jax.Array] = None,
-        context: Optional[jax.Array] = None,
-        hint: Optional[jax.Array] = None,
+        cond: jax.Array | None = None,
+        context: jax.Array | None = None,
+        hint: jax.Array | None = None,
         train: bool = False,
     ):
-        emb = GammaEmbedding(
-            self.ch, 4 * self.ch, self.gamma_min, self.gamma_max, dtype=self.dtype, name="embedding"
-        )(gamma, cond)
+        emb = GammaEmbedding(self.ch, 4 * self.ch, self.gamma_min, self.gamma_max, dtype=self.dtype, name="embedding")(
+            gamma, cond
+        )
         # conv_in in float32: bfloat16's spacing near |z| = 1 (2^-7) is an 8-bit bin's width.
         h = nn.Conv(self.ch, (3, 3), name="conv_in")(z).astype(self.dtype)
         if hint is not None:
@@ -141,7 +138,7 @@ class UNetDecoder(nn.Module):
         emb: jax.Array,
         *,
         out_channels: int,
-        context: Optional[jax.Array] = None,
+        context: jax.Array | None = None,
         train: bool = False,
     ) -> jax.Array:
         skips = list(skips)
@@ -189,10 +186,10 @@ class UNet(nn.Module):
     attn_resolutions: tuple[int, ...] = (16,)
     dropout: float = 0.1
     num_heads: int = 1
-    context_dim: Optional[int] = None
+    context_dim: int | None = None
     gamma_min: float = -13.3
     gamma_max: float = 5.0
-    cond_dim: Optional[int] = None
+    cond_dim: int | None = None
     dtype: Dtype = jnp.float32
 
     def __post_init__(self):
@@ -201,55 +198,54 @@ class UNet(nn.Module):
 
     @nn.nowrap
     def check_fields(self) -> None:
-        """Raises ValueError naming the first invalid attribute."""
-        p = CONFIG_PATH
-        check_field(is_int_at_least(self.ch, 4), f"{p}.ch", self.ch, "an integer >= 4")
-        check_field(
+        """Raises ArgumentError naming the first invalid attribute."""
+        check_int("ch", self.ch, minimum=4)
+        check(
             isinstance(self.ch_mult, tuple)
             and len(self.ch_mult) > 0
-            and all(is_int_at_least(m, 1) for m in self.ch_mult),
-            f"{p}.ch_mult",
+            and all(is_int(m) and m >= 1 for m in self.ch_mult),
+            "ch_mult",
             self.ch_mult,
             "a non-empty tuple of positive integers",
         )
-        check_field(
-            is_int_at_least(self.num_res_blocks, 1), f"{p}.num_res_blocks", self.num_res_blocks, "an integer >= 1"
-        )
-        check_field(
-            isinstance(self.attn_resolutions, tuple)
-            and all(is_int_at_least(r, 1) for r in self.attn_resolutions),
-            f"{p}.attn_resolutions",
+        check_int("num_res_blocks", self.num_res_blocks, minimum=1)
+        check(
+            isinstance(self.attn_resolutions, tuple) and all(is_int(r) and r >= 1 for r in self.attn_resolutions),
+            "attn_resolutions",
             self.attn_resolutions,
             "a tuple of positive integers (feature-map heights)",
         )
-        check_optional_dim(f"{p}.context_dim", self.context_dim)
-        check_shared_fields(p, self.dropout, self.gamma_min, self.gamma_max, self.cond_dim, self.num_heads)
-        compute_dtype(f"{p}.dtype", self.dtype)
+        check_optional_dim("context_dim", self.context_dim)
+        check_shared_fields(self.dropout, self.gamma_min, self.gamma_max, self.cond_dim, self.num_heads)
+        compute_dtype("dtype", self.dtype)
 
     @nn.nowrap
     def check_input_shape(self, shape) -> None:
-        """Raises ValueError unless `shape` is an image shape (height, width, channels)
+        """Raises ArgumentError unless `shape` is an image shape (height, width, channels)
         whose height and width the down path can halve len(ch_mult) - 1 times, and
         num_heads divides the width of every attention block at that size."""
-        if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(
-                f"{CONFIG_PATH} expects an image shape (height, width, channels) with positive "
-                f"sizes; got image shape {tuple(shape)}"
-            )
+        check(
+            len(shape) == 3 and min(shape) >= 1,
+            "image_shape",
+            tuple(shape),
+            "(height, width, channels) with positive sizes",
+        )
         halvings = len(self.ch_mult) - 1
         factor = 2**halvings
-        if shape[0] % factor or shape[1] % factor:
-            raise ValueError(
-                f"{CONFIG_PATH}.ch_mult={self.ch_mult} halves the image {halvings} times, so "
-                f"height and width must be divisible by {factor}; got image shape {tuple(shape)}"
-            )
+        check(
+            shape[0] % factor == 0 and shape[1] % factor == 0,
+            "ch_mult",
+            self.ch_mult,
+            f"at most as many levels as the image (of shape {tuple(shape)}) can be halved: it halves the image "
+            f"{halvings} times, so height and width must be divisible by {factor}",
+        )
         attention_widths = [self.ch * self.ch_mult[-1]] + [
             self.ch * m for level, m in enumerate(self.ch_mult) if shape[0] // 2**level in self.attn_resolutions
         ]
         for width in attention_widths:
-            check_field(
+            check(
                 width % self.num_heads == 0,
-                f"{CONFIG_PATH}.num_heads",
+                "num_heads",
                 self.num_heads,
                 f"a divisor of every attention block's width; one has {width} channels",
             )
@@ -279,7 +275,7 @@ class UNet(nn.Module):
         return [*skips, skips[-1]]
 
     @nn.nowrap
-    def build_encoder(self, name: Optional[str] = None) -> UNetEncoder:
+    def build_encoder(self, name: str | None = None) -> UNetEncoder:
         """An (unbound) encoder with this UNet's settings, e.g. a ControlNet's copy."""
         return UNetEncoder(
             ch=self.ch,
@@ -311,9 +307,9 @@ class UNet(nn.Module):
         z: jax.Array,
         gamma: jax.Array,
         *,
-        cond: Optional[jax.Array] = None,
-        context: Optional[jax.Array] = None,
-        hint: Optional[jax.Array] = None,
+        cond: jax.Array | None = None,
+        context: jax.Array | None = None,
+        hint: jax.Array | None = None,
         train: bool = False,
     ):
         """(h, skips, emb) for z [B, H, W, C], gamma [B] (or scalar); see UNetEncoder.
@@ -322,15 +318,15 @@ class UNet(nn.Module):
         encoded control image, for a ControlNet's copy of the encoder).
         """
         if z.ndim != 4:
-            raise ValueError(f"{CONFIG_PATH} expects z of shape [B, H, W, C]; got {tuple(z.shape)}")
+            raise ArgumentError("z", f"an array of shape {tuple(z.shape)}", "shape [B, H, W, C]")
         self.check_input_shape(z.shape[1:])
         batch = z.shape[0]
-        check_feature_input(f"{CONFIG_PATH}.cond_dim", self.cond_dim, cond, "cond", 2, batch)
-        check_feature_input(f"{CONFIG_PATH}.context_dim", self.context_dim, context, "context", 3, batch)
+        check_feature_input("cond_dim", self.cond_dim, cond, "cond", 2, batch)
+        check_feature_input("context_dim", self.context_dim, context, "context", 3, batch)
         if hint is not None and hint.shape != (*z.shape[:3], self.ch):
             raise ValueError(
                 f"hint must have shape {(*z.shape[:3], self.ch)} (z's [B, H, W] and "
-                f"{CONFIG_PATH}.ch={self.ch}); got {tuple(hint.shape)}"
+                f"ch={self.ch}); got {tuple(hint.shape)}"
             )
         gamma = jnp.broadcast_to(gamma, (batch,))
         return self.encoder(z, gamma, cond=cond, context=context, hint=hint, train=train)
@@ -342,13 +338,13 @@ class UNet(nn.Module):
         emb: jax.Array,
         *,
         out_channels: int,
-        context: Optional[jax.Array] = None,
-        control: Optional[Sequence[jax.Array]] = None,
+        context: jax.Array | None = None,
+        control: Sequence[jax.Array] | None = None,
         train: bool = False,
     ) -> jax.Array:
         """eps_hat, float32 [B, H, W, out_channels], from `encode`'s (h, skips, emb), with the
         ControlNet residuals `control` (see add_control) added first when given."""
-        check_feature_input(f"{CONFIG_PATH}.context_dim", self.context_dim, context, "context", 3, h.shape[0])
+        check_feature_input("context_dim", self.context_dim, context, "context", 3, h.shape[0])
         if control is not None:
             h, skips = add_control(h, skips, control)
         return self.decoder(h, skips, emb, out_channels=out_channels, context=context, train=train)
@@ -358,9 +354,9 @@ class UNet(nn.Module):
         z: jax.Array,
         gamma: jax.Array,
         *,
-        cond: Optional[jax.Array] = None,
-        context: Optional[jax.Array] = None,
-        control: Optional[Sequence[jax.Array]] = None,
+        cond: jax.Array | None = None,
+        context: jax.Array | None = None,
+        control: Sequence[jax.Array] | None = None,
         train: bool = False,
     ) -> jax.Array:
         """eps_hat for z [B, H, W, C], gamma [B], cond [B, cond_dim], context

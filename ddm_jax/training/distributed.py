@@ -7,23 +7,29 @@ writes checkpoints collectively. On TPU pods, Slurm and Open MPI, JAX detects th
 the process count and the process id from the environment; elsewhere give them as flags or as
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
 """
+
 import os
 
 import jax
 
-ENVIRONMENT = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
-               "process_id": "JAX_PROCESS_ID"}
+ENVIRONMENT = {
+    "coordinator_address": "JAX_COORDINATOR_ADDRESS",
+    "num_processes": "JAX_NUM_PROCESSES",
+    "process_id": "JAX_PROCESS_ID",
+}
 
 
-def distributed_settings(coordinator_address: str | None = None, num_processes: int | None = None,
-                         process_id: int | None = None) -> dict:
+def distributed_settings(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> dict:
     """The settings given as arguments, else from the environment; None where neither gives one.
 
     Raises ValueError, before anything connects, for a process id outside [0, num_processes).
     """
     given = {"coordinator_address": coordinator_address, "num_processes": num_processes, "process_id": process_id}
-    settings = {name: os.environ.get(variable) if given[name] is None else given[name]
-                for name, variable in ENVIRONMENT.items()}
+    settings = {
+        name: os.environ.get(variable) if given[name] is None else given[name] for name, variable in ENVIRONMENT.items()
+    }
     for name in ("num_processes", "process_id"):
         if isinstance(settings[name], str):
             try:
@@ -34,17 +40,22 @@ def distributed_settings(coordinator_address: str | None = None, num_processes: 
         raise ValueError(f"--num_processes={settings['num_processes']} must be >= 1")
     for given_one, missing in (("process_id", "num_processes"), ("num_processes", "process_id")):
         if settings[given_one] is not None and settings[missing] is None:
-            raise ValueError(f"--{given_one}={settings[given_one]} is given without --{missing} "
-                             f"(or {ENVIRONMENT[missing]}); give both, or neither on TPU, Slurm or Open MPI")
+            raise ValueError(
+                f"--{given_one}={settings[given_one]} is given without --{missing} "
+                f"(or {ENVIRONMENT[missing]}); give both, or neither on TPU, Slurm or Open MPI"
+            )
     if None not in (settings["num_processes"], settings["process_id"]) and not (
-            0 <= settings["process_id"] < settings["num_processes"]):
-        raise ValueError(f"--process_id={settings['process_id']} must be in [0, --num_processes="
-                         f"{settings['num_processes']})")
+        0 <= settings["process_id"] < settings["num_processes"]
+    ):
+        raise ValueError(
+            f"--process_id={settings['process_id']} must be in [0, --num_processes={settings['num_processes']})"
+        )
     return settings
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
+def initialize(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
     """jax.distributed.initialize with these settings (None: from the environment or the cluster).
 
     CPU processes exchange their collectives through gloo.

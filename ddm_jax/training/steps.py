@@ -4,6 +4,7 @@
 "data", the state replicated) and, with `axis_name`, under jax.pmap (`pmap_train_steps`); both
 give the step of the global batch (tests/test_multidevice.py; with dropout, other draws of its masks).
 """
+
 import functools
 import math
 
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ddm_jax.diffusion import bits_per_dim
 from ddm_jax.models.vdm import VDM
 from ddm_jax.training.train_state import TrainState, apply_updates
 
@@ -26,21 +28,21 @@ def train_step(model: VDM, optimizer, ema_decay, state: TrainState, batch, rng, 
     """
     rng = jax.random.fold_in(rng, state.step)
     images = batch["image"]
-    (_, terms), grads = model.value_and_grad(state.params, rng, images, cond=batch.get("cond"),
-                                             axis_name=axis_name)
+    (_, terms), grads = model.value_and_grad(state.params, rng, images, cond=batch.get("cond"), axis_name=axis_name)
     if axis_name is not None:
         grads = jax.lax.pmean(grads, axis_name)
     state = apply_updates(state, grads, optimizer, ema_decay)
     mean = jnp.mean if axis_name is None else (lambda x: jax.lax.pmean(jnp.mean(x), axis_name))
-    to_bpd = 1.0 / (math.prod(images.shape[1:]) * jnp.log(2.0))
-    diffusion_bpd = terms["diffusion"] * to_bpd
+    num_dims = math.prod(images.shape[1:])
+    reconstruction, prior, diffusion = (
+        bits_per_dim(terms[name], num_dims) for name in ("reconstruction", "prior", "diffusion")
+    )
     metrics = {
-        "loss": mean(terms["loss"]),
-        "bpd": mean(terms["bpd"]),
-        "reconstruction_bpd": mean(terms["reconstruction"]) * to_bpd,
-        "prior_bpd": mean(terms["prior"]) * to_bpd,
-        "diffusion_bpd": mean(diffusion_bpd),
-        "diffusion_bpd_variance": mean(jnp.square(diffusion_bpd - mean(diffusion_bpd))),
+        "loss": mean(terms["bpd"]),  # the ELBO in bits/dim with model.weighting="elbo", else the weighted bound
+        "reconstruction_bpd": mean(reconstruction),
+        "prior_bpd": mean(prior),
+        "diffusion_bpd": mean(diffusion),
+        "diffusion_bpd_variance": mean(jnp.square(diffusion - mean(diffusion))),
         "grad_norm": optax.tree.norm(grads),
     }
     return state, metrics
@@ -55,8 +57,9 @@ def train_steps(model: VDM, optimizer, ema_decay, state: TrainState, batches, rn
     """
     metrics = []
     for i in range(jax.tree.leaves(batches)[0].shape[0]):
-        state, step_metrics = train_step(model, optimizer, ema_decay, state,
-                                         jax.tree.map(lambda x: x[i], batches), rng, axis_name)
+        state, step_metrics = train_step(
+            model, optimizer, ema_decay, state, jax.tree.map(lambda x: x[i], batches), rng, axis_name
+        )
         metrics.append(step_metrics)
     return state, jax.tree.map(lambda *m: jnp.stack(m), *metrics)
 
@@ -70,5 +73,9 @@ def pmap_train_steps(model: VDM, optimizer, ema_decay):
     Takes the state with a leading device axis (`sharding.stack_for_pmap`), batches
     [devices, substeps, b, ...] (`sharding.split_for_pmap`) and one rng; the state is donated.
     """
-    return jax.pmap(functools.partial(train_steps, model, optimizer, ema_decay, axis_name=PMAP_AXIS),
-                    axis_name=PMAP_AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
+    return jax.pmap(
+        functools.partial(train_steps, model, optimizer, ema_decay, axis_name=PMAP_AXIS),
+        axis_name=PMAP_AXIS,
+        in_axes=(0, 0, None),
+        donate_argnums=(0,),
+    )

@@ -1,12 +1,11 @@
 """The training state and its pure update functions (usable under jit and pmap)."""
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
 
-PyTree = Any
+from ddm_jax.checks import PyTree
 
 
 @struct.dataclass
@@ -32,8 +31,7 @@ def create_train_state(params: PyTree, optimizer: optax.GradientTransformation) 
 
 def ema_update(ema: PyTree, params: PyTree, decay: float | jax.Array) -> PyTree:
     """decay * ema + (1 - decay) * params, leafwise, keeping each EMA leaf's dtype."""
-    return jax.tree.map(
-        lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, params)
+    return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, params)
 
 
 def apply_updates(
