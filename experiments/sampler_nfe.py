@@ -4,7 +4,8 @@ beside the ELBO bits/dim, on a trained digits VDM.
 Needs a trained VDM (configs/vdm_digits.py) and the digits classifier, whose features give the
 Frechet distance (FD) and whose predictions give the class distribution of the samples:
 
-  python -m experiments.vdm_digits --workdir=workdirs/vdm_digits_experiment
+  python -m experiments.vdm_bits_per_dim --config=configs/vdm_digits.py --name=vdm_digits \
+      --workdir=workdirs/vdm_digits_experiment
   python -m experiments.train_digits_classifier --config=configs/digits_classifier.py \
       --workdir=workdirs/digits_classifier
   python -m experiments.sampler_nfe --workdir=workdirs/vdm_digits_experiment \
@@ -211,7 +212,7 @@ def write_report(rows, likelihood, step):
         f.write(f"""# Samplers: quality against network evaluations, and the ODE likelihood
 
 Command: `{command}` on {device}, 2 cores; checkpoint step {step} of configs/vdm_digits.py
-(`python -m experiments.vdm_digits`), EMA parameters. Features and class predictions come
+(`python -m experiments.vdm_bits_per_dim`), EMA parameters. Features and class predictions come
 from the digits classifier (experiments/results/digits_classifier.md). Each row draws
 {FLAGS.num_samples} samples; the reference is the train split (1437 images). FD values are biased
 upward at this sample size, so compare rows with each other, not with FIDs of other work.
