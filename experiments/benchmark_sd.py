@@ -4,15 +4,18 @@
 text tokens of width 768) at --batch_size; --part=pipeline times `evaluation.generate`'s jitted
 core, text encoder + --steps guided DDIM steps (two UNet halves per step, one batched call) + VAE
 decoder, and reports images/s. Both report XLA's FLOP count (cost analysis) and memory analysis of
-the compiled function, the compile time apart from the run. Parameters are drawn by each module's
-initialisers (SD-1.5's configs below) and cast to --dtype, in which the modules compute.
+the compiled function (for the pipeline, whose steps are a loop XLA counts once, plus the other
+steps' UNet calls), the compile time apart from the run. The networks have SD-1.5's configs
+(below) and random parameters in --dtype, in which they compute.
 
   python -m experiments.benchmark_sd --part=unet --dtype=float32 --out=experiments/results/sd_benchmark_cpu_unet_float32.json
   python -m experiments.benchmark_sd --part=pipeline --dtype=bfloat16 --batch_size=4 --steps=50 --out=...
 """
 
 import json
+import os
 import platform
+import sys
 import time
 
 import jax
@@ -94,12 +97,35 @@ def sd15_model(dtype) -> LatentDiffusion:
 
 
 def random_params(model: LatentDiffusion, dtype) -> dict:
-    """Each module's initialisers (float32), cast to `dtype`; checks SD-1.5's parameter counts."""
-    params = jax.jit(model.init)(jax.random.key(0))
+    """Random parameters of the model's shapes (traced, not compiled: compiling the full-size init
+    takes minutes on a CPU): kernels and embeddings normal with variance 1 / fan-in, norm scales 1,
+    biases 0, in `dtype`. Checks SD-1.5's parameter counts."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0))
+    rng = np.random.default_rng(0)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name == "bias":
+            return jnp.zeros(leaf.shape, dtype)
+        if name == "scale":
+            return jnp.ones(leaf.shape, dtype)
+        fan_in = int(np.prod(leaf.shape[:-1]))
+        return jnp.asarray(rng.standard_normal(leaf.shape, np.float32) / np.sqrt(fan_in), dtype)
+
+    params = jax.tree_util.tree_map_with_path(draw, shapes)
     for name, count in PARAMETER_COUNTS.items():
         found = sum(x.size for x in jax.tree.leaves(params[name]))
         assert found == count, f"{name}: {found} parameters, SD-1.5 has {count}"
-    return jax.tree.map(lambda x: x.astype(dtype), params)
+    return params
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux), else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as file:
+            return next(line.split(":", 1)[1].strip() for line in file if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
 
 
 def analysis(compiled) -> dict:
@@ -120,6 +146,13 @@ def timed(compiled, args, repeats: int) -> list[float]:
         jax.block_until_ready(compiled(*args))
         seconds.append(time.perf_counter() - start)
     return seconds
+
+
+def guided_step_flops(model: LatentDiffusion, params, batch_size: int, guidance_scale: float) -> float:
+    """XLA's FLOPs of one guided step's UNet call: on 2 B examples, or B when w is 1 or 0."""
+    batch = batch_size if guidance_scale in (0.0, 1.0) else 2 * batch_size
+    forward, args = unet_call(model, params, batch)
+    return analysis(forward.lower(*args).compile())["flops"]
 
 
 def unet_call(model: LatentDiffusion, params, batch_size: int):
@@ -169,6 +202,7 @@ def main(argv):
     median = float(np.median(seconds))
     device = jax.devices()[0]
     result = {
+        "command": " ".join(["python -m experiments.benchmark_sd", *sys.argv[1:]]),
         "part": FLAGS.part,
         "dtype": FLAGS.dtype,
         "batch_size": FLAGS.batch_size,
@@ -181,9 +215,14 @@ def main(argv):
         **analysis(compiled),
         "device": f"{device.platform}: {device.device_kind}",
         "device_count": jax.device_count(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": f"{cpu_name()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end",
         "jax": jax.__version__,
     }
+    if FLAGS.part == "pipeline":
+        # XLA counts a loop's body once: add the other steps' UNet calls.
+        step_flops = guided_step_flops(model, params, FLAGS.batch_size, FLAGS.guidance_scale)
+        result["flops"] += (FLAGS.steps - 1) * step_flops
+        result["guided_step_flops"] = step_flops
     result["achieved_flops_per_second"] = result["flops"] / median
     print(json.dumps(result, indent=2))
     if FLAGS.out:

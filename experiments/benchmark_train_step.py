@@ -24,7 +24,7 @@ from ml_collections import config_flags
 from ddm_jax.training.builders import build_vdm
 from ddm_jax.training.optimizer import make_optimizer
 from ddm_jax.training.sharding import make_mesh, replicate, replicated, shard_batch
-from ddm_jax.training.steps import train_steps
+from ddm_jax.training.steps import train_steps, vdm_loss_fn
 from ddm_jax.training.train_state import create_train_state
 
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -79,7 +79,7 @@ def benchmark_train_step(
     images = np.random.default_rng(1).integers(0, vocab_size, (substeps, batch_size, *image_shape))
     batch = shard_batch({"image": images}, mesh, leading_axes=1)
     step = jax.jit(
-        functools.partial(train_steps, model, optimizer, config.training.ema_decay),
+        functools.partial(train_steps, vdm_loss_fn(model), optimizer, config.training.ema_decay),
         out_shardings=(replicated(mesh), replicated(mesh)),
         donate_argnums=(0,),
     )

@@ -445,3 +445,32 @@ def test_a_split_larger_than_host_memory_is_refused_before_reading(tmp_path):
         expected = rf"dataset='downsampled_imagenet/64x64': .* its 'train' split needs {gib:.1f} GiB of host memory"
         with pytest.raises(ArgumentError, match=expected):
             data.load_split("downsampled_imagenet/64x64", "train", str(tmp_path))
+
+
+class CaptionedDots(tfds.core.GeneratorBasedBuilder):
+    """Four 2x2 images, each with a caption naming its one bright pixel: a text feature to read."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        features = {"image": tfds.features.Image(shape=(2, 2, 1)), "caption": tfds.features.Text()}
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for index in range(4):
+            image = np.zeros((2, 2, 1), np.uint8)
+            image.flat[index] = 255
+            yield index, {"image": image, "caption": f"a dot at pixel {index} ü"}
+
+
+def test_text_features_are_read_as_strings_beside_the_images(tmp_path):
+    tfds.builder("captioned_dots", data_dir=str(tmp_path)).download_and_prepare()
+    arrays = data.load_split("captioned_dots", "train", str(tmp_path), text_features=("caption",))
+    assert arrays["caption"].dtype == object and arrays["caption"].shape == (4,)
+    for image, caption in zip(arrays["image"], arrays["caption"], strict=True):
+        assert caption == f"a dot at pixel {int(np.argmax(image.ravel()))} ü"
+    with pytest.raises(ValueError, match=r"text_features=\('image',\): expected text features"):
+        data.load_split("captioned_dots", "train", str(tmp_path), text_features=("image",))

@@ -13,7 +13,7 @@ from ddm_jax.training.optimizer import make_optimizer
 from ddm_jax.training.sharding import (make_mesh, replicate, replicated, shard_batch, split_for_pmap,
                                       stack_for_pmap)
 from ddm_jax.training.train_state import create_train_state
-from ddm_jax.training.steps import pmap_train_steps, train_steps
+from ddm_jax.training.steps import pmap_train_steps, train_steps, vdm_loss_fn
 from configs import vdm_digits
 
 assert jax.device_count() == 8, jax.devices()
@@ -25,13 +25,13 @@ images = np.random.default_rng(0).integers(0, 17, (2, 16, 8, 8, 1))  # 2 substep
 finals = []
 for num_devices in (1, 8):
     mesh = make_mesh(num_devices)
-    step = jax.jit(functools.partial(train_steps, model, optimizer, 0.99),
+    step = jax.jit(functools.partial(train_steps, vdm_loss_fn(model), optimizer, 0.99),
                    out_shardings=(replicated(mesh), replicated(mesh)))
     batch = shard_batch({"image": images}, mesh, leading_axes=1)
     assert len(batch["image"].sharding.device_set) == num_devices
     state, metrics = step(replicate(create_train_state(params, optimizer), mesh), batch, jax.random.PRNGKey(1))
     finals.append(jax.device_get((state.params, metrics["loss"])))
-pmap_step = pmap_train_steps(model, optimizer, 0.99)
+pmap_step = pmap_train_steps(vdm_loss_fn(model), optimizer, 0.99)
 state, metrics = pmap_step(stack_for_pmap(create_train_state(params, optimizer), 8),
                            split_for_pmap({"image": images}, 8, leading_axes=1), jax.random.PRNGKey(1))
 assert metrics["loss"].shape == (8, 2), metrics["loss"].shape

@@ -358,12 +358,15 @@ def load_split(
     *,
     image_size: tuple[int, int] | None = None,
     download: bool = False,
+    text_features: tuple[str, ...] = (),
 ) -> Batch:
     """All of `split` in stored order: image [n, H, W, C] and, if labelled, int32 label [n].
 
     `data_dir`, `image_size` and `download` are those of `dataset_spec` (a spec
-    carries its own image_size). Raises ArgumentError, before reading, if the
-    arrays would not fit in the host's available memory.
+    carries its own image_size). `text_features` names text features of a TFDS
+    dataset to read too (e.g. "caption" of "shapes/32"), each as an array [n]
+    of str. Raises ArgumentError, before reading, if the arrays would not fit in
+    the host's available memory.
     """
     name = spec_or_name.name if isinstance(spec_or_name, DatasetSpec) else spec_or_name
     if local.is_local(name):
@@ -372,10 +375,17 @@ def load_split(
     builder = _prepared_builder(name, data_dir, download)
     spec = _spec_from_builder(name, builder)
     keys = ["image"] if spec.num_classes is None else ["image", "label"]
+    for feature in text_features:
+        check(
+            feature in builder.info.features and isinstance(builder.info.features[feature], tfds.features.Text),
+            "text_features",
+            text_features,
+            f"text features of dataset {name!r}; {feature!r} is not one",
+        )
     dataset = builder.as_dataset(
         split=split,
         shuffle_files=False,
-        decoders=tfds.decode.PartialDecoding({key: True for key in keys}),
+        decoders=tfds.decode.PartialDecoding({key: True for key in (*keys, *text_features)}),
     )
     num_examples = int(dataset.cardinality())
     check(
@@ -390,13 +400,17 @@ def load_split(
     }
     num_bytes = sum(math.prod(layouts[key][0]) * np.dtype(layouts[key][1]).itemsize for key in keys)
     _check_fits_in_memory(name, split, num_bytes, psutil.virtual_memory().available)
-    arrays = {key: np.empty(*layouts[key]) for key in keys}
+    arrays = {key: np.empty(*layouts[key]) for key in keys} | {
+        key: np.empty(num_examples, object) for key in text_features
+    }
     with_fixed_shape = dataset.map(lambda example: {**example, "image": tf.reshape(example["image"], spec.image_shape)})
     start = 0
     for chunk in tfds.as_numpy(with_fixed_shape.batch(_READ_CHUNK_SIZE).prefetch(tf.data.AUTOTUNE)):
         stop = start + len(chunk["image"])
         for key in keys:
             arrays[key][start:stop] = chunk[key]
+        for key in text_features:
+            arrays[key][start:stop] = [text.decode("utf-8") for text in chunk[key]]
         start = stop
     return arrays
 

@@ -179,11 +179,26 @@ class DiscreteBetas(nn.Module):
         betas(self.kind, self.num_betas, self.beta_start, self.beta_end)  # checks the fields
         super().__post_init__()
 
+    def neg_log_alphabar(self) -> np.ndarray:
+        """-log alphabar_i at the grid points t_i, i = 1..N, in float32: the table gamma interpolates."""
+        return (-log_alphabar(betas(self.kind, self.num_betas, self.beta_start, self.beta_end))).astype(np.float32)
+
     def __call__(self, t):
-        neg_log_alphabar = -log_alphabar(betas(self.kind, self.num_betas, self.beta_start, self.beta_end))
         grid = np.linspace(0.0, 1.0, self.num_betas)
-        c = jnp.interp(jnp.asarray(t), grid, neg_log_alphabar.astype(np.float32))
+        c = jnp.interp(jnp.asarray(t), grid, self.neg_log_alphabar())
         return jnp.log(jnp.expm1(c))
+
+    def timestep_of_gamma(self, gamma):
+        """The continuous timestep n = (N - 1) t in [0, N - 1] at which the schedule equals gamma.
+
+        The exact inverse of `__call__`: -log alphabar = log(1 + e^gamma) = softplus(gamma) is
+        interpolated linearly between the grid points, so n is the linear interpolation of
+        0, 1, ..., N - 1 at softplus(gamma) over the table. Integer timesteps map to themselves up
+        to float32 rounding (< 1e-4 for SD's 1000 betas); gamma outside [gamma(0), gamma(1)] gives
+        the nearest end, 0 or N - 1. Any shape; float32.
+        """
+        c = jax.nn.softplus(jnp.asarray(gamma, jnp.float32))
+        return jnp.interp(c, self.neg_log_alphabar(), np.arange(self.num_betas, dtype=np.float32))
 
 
 SCHEDULES = {

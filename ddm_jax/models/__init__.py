@@ -5,6 +5,7 @@ to a gamma schedule (`vdm`), and the Stable-Diffusion-compatible models with the
 from ddm_jax.models.autoencoder_kl import AutoencoderKL, sample_latent
 from ddm_jax.models.clip_text import CLIPTextModel
 from ddm_jax.models.diffusers_io import load_diffusers, save_diffusers
+from ddm_jax.models.latent_diffusion import LatentDiffusion
 from ddm_jax.models.layers import (
     COMPUTE_DTYPES,
     AttentionBlock,
@@ -29,6 +30,7 @@ __all__ = [
     "AutoencoderKL",
     "CLIPTextModel",
     "GammaEmbedding",
+    "LatentDiffusion",
     "MultiHeadAttention",
     "NETWORKS",
     "OutputHead",

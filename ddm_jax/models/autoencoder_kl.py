@@ -208,3 +208,29 @@ def sample_latent(rng: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Arr
     """A reparameterised draw z = mean + exp(logvar / 2) eps, eps ~ N(0, I) from `rng`
     (Kingma & Welling, 2014), e.g. from `AutoencoderKL.encode`'s outputs."""
     return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+
+
+def gaussian_kl(mean: jax.Array, logvar: jax.Array) -> jax.Array:
+    """KL(N(mean, exp(logvar)) || N(0, I)) = 1/2 sum(exp(logvar) + mean^2 - 1 - logvar), per example: [B] nats."""
+    kl = 0.5 * (jnp.exp(logvar) + jnp.square(mean) - 1.0 - logvar)
+    return kl.reshape(kl.shape[0], -1).sum(-1)
+
+
+def gaussian_nll(x: jax.Array, x_hat: jax.Array, decoder_std: float) -> jax.Array:
+    """-log N(x; x_hat, decoder_std^2 I) summed over dimensions, per example: [B] nats."""
+    nll = 0.5 * jnp.square((x - x_hat) / decoder_std) + jnp.log(decoder_std) + 0.5 * jnp.log(2.0 * jnp.pi)
+    return nll.reshape(nll.shape[0], -1).sum(-1)
+
+
+def vae_terms(vae: AutoencoderKL, params, rng: jax.Array, x: jax.Array, *, decoder_std: float, beta: float) -> dict:
+    """The VAE's per-example terms (Kingma & Welling 2014; beta-VAE, Higgins et al. 2017), [B] nats:
+
+    reconstruction = -log N(x; decode(z), decoder_std^2 I) with z ~ q(z | x) reparameterised,
+    kl = KL(q(z | x) || N(0, I)), elbo = reconstruction + kl (the negative ELBO),
+    loss = reconstruction + beta kl (beta < 1 trades the prior's fit for reconstructions).
+    x: images in [-1, 1], [B, H, W, C].
+    """
+    mean, logvar = vae.apply({"params": params}, x, method="encode")
+    x_hat = vae.apply({"params": params}, sample_latent(rng, mean, logvar), method="decode")
+    reconstruction, kl = gaussian_nll(x, x_hat, decoder_std), gaussian_kl(mean, logvar)
+    return {"reconstruction": reconstruction, "kl": kl, "elbo": reconstruction + kl, "loss": reconstruction + beta * kl}

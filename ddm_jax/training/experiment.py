@@ -28,7 +28,7 @@ from ddm_jax.training.checkpoints import (
 )
 from ddm_jax.training.optimizer import make_optimizer
 from ddm_jax.training.sharding import make_mesh, replicate, replicated, shard_batch
-from ddm_jax.training.steps import train_steps
+from ddm_jax.training.steps import train_steps, vdm_loss_fn
 from ddm_jax.training.train_state import TrainState, create_train_state
 
 SAVED_CONFIG = "config.py"
@@ -45,7 +45,7 @@ class Experiment:
         self.rng = jax.random.PRNGKey(config.training.seed)
         state_sharding = replicated(self.mesh)
         self.train_steps = jax.jit(
-            functools.partial(train_steps, self.model, self.optimizer, config.training.ema_decay),
+            functools.partial(train_steps, vdm_loss_fn(self.model), self.optimizer, config.training.ema_decay),
             out_shardings=(state_sharding, state_sharding),
             donate_argnums=(0,),
         )
