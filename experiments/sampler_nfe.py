@@ -51,11 +51,11 @@ TARGET = (("ancestral", 1000), ("dpm_solver_pp", 20))
 
 def quality_row(experiment, params, classifier, reference, sampler, steps, settings, seed):
     start = time.time()
-    k, info = experiment.sample(
+    k, info = experiment.task.sample(
         params,
         jax.random.PRNGKey(seed),
         FLAGS.num_samples,
-        experiment.spec.image_shape,
+        experiment.task.spec.image_shape,
         steps=steps,
         sampler=sampler,
         **settings,
@@ -76,9 +76,9 @@ def quality_row(experiment, params, classifier, reference, sampler, steps, setti
 
 def likelihoods(experiment, params, config) -> dict:
     """ELBO bits/dim (the trainer's evaluation) and the PF-ODE bound, both dequantizations, on the test split."""
-    elbo = experiment.bits_per_dim.run(params)
-    test = load_split(experiment.spec, config.data.eval_split, config.data.data_dir)["image"]
-    model = experiment.model
+    elbo = experiment.task.bits_per_dim.run(params)
+    test = load_split(experiment.task.spec, config.data.eval_split, config.data.data_dir)["image"]
+    model = experiment.task.model
     rows = {
         "elbo_bpd": elbo["bpd"],
         "elbo_bpd_stderr": elbo["bpd_stderr"],
@@ -134,9 +134,9 @@ def main(argv):
     step, state = experiment.restore_latest("sample")
     classifier = load_classifier(
         FLAGS.classifier,
-        expected={"image_shape": list(experiment.spec.image_shape), "vocab_size": experiment.spec.vocab_size},
+        expected={"image_shape": list(experiment.task.spec.image_shape), "vocab_size": experiment.task.spec.vocab_size},
     )
-    reference = load_split(experiment.spec, "train", config.data.data_dir)["image"]
+    reference = load_split(experiment.task.spec, "train", config.data.data_dir)["image"]
     rows = []
     for sampler, steps, settings in SETTINGS:
         seeds = range(FLAGS.repeats) if (sampler, steps) in TARGET else range(1)

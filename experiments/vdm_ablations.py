@@ -72,8 +72,8 @@ def diffusion_estimate_variance(config, workdir: str, num_batches: int, num_draw
     """Variance over (t, eps) draws of a test batch's mean diffusion term (bits/dim), averaged over batches."""
     experiment = Experiment(config, workdir)
     _, state = experiment.restore_latest("measure")
-    test = load_split(experiment.spec, config.data.eval_split, config.data.data_dir)["image"]
-    num_dims = math.prod(experiment.spec.image_shape)
+    test = load_split(experiment.task.spec, config.data.eval_split, config.data.data_dir)["image"]
+    num_dims = math.prod(experiment.task.spec.image_shape)
     variances = []
     for b in range(num_batches):
         images = test[b * VARIANCE_BATCH_SIZE : (b + 1) * VARIANCE_BATCH_SIZE]
@@ -81,7 +81,7 @@ def diffusion_estimate_variance(config, workdir: str, num_batches: int, num_draw
             float(
                 np.mean(
                     bits_per_dim(
-                        experiment.elbo_terms(state.ema_params, jax.random.PRNGKey(1000 * b + d), images)["diffusion"],
+                        experiment.task.elbo_terms(state.ema_params, jax.random.PRNGKey(1000 * b + d), images)["diffusion"],
                         num_dims,
                     )
                 )

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from tiny_runs import final_params, output_of, start_training, tiny_config, wait_for_checkpoint
 
-from ddm_jax.training import builders, trainer
+from ddm_jax.training import trainer
+from ddm_jax.training.experiment import Experiment
 
 
 def test_run_killed_with_sigkill_resumes_bit_identical(digits_data_dir, tmp_path):
@@ -71,6 +72,6 @@ def test_substeps_give_the_same_parameters_as_single_steps(digits_data_dir, tmp_
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), *results)
 
 
-def test_substeps_must_divide_the_intervals(digits_data_dir):
+def test_substeps_must_divide_the_intervals(digits_data_dir, tmp_path):
     with pytest.raises(ValueError, match=r"training.log_every=2: expected a multiple of training.substeps=4"):
-        builders.check_config(tiny_config(digits_data_dir, substeps=4, log_every=2))
+        Experiment(tiny_config(digits_data_dir, substeps=4, log_every=2), str(tmp_path))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from tiny_runs import tiny_config
 
-from ddm_jax.training import builders, trainer
+from ddm_jax.training import trainer
 from ddm_jax.training.checkpoints import CheckpointStore
 from ddm_jax.training.experiment import Experiment, load_saved_config
 
@@ -80,13 +80,14 @@ def test_eval_of_an_empty_workdir_is_refused(trained, tmp_path):
         ("optimizer.lr", -1.0, "optimizer.lr=-1.0: expected a learning rate > 0"),
     ],
 )
-def test_bad_config_is_refused_before_compilation(trained, field, value, message):
+def test_bad_config_is_refused_before_compilation(trained, field, value, message, tmp_path):
     data_dir, _, _ = trained
     config = tiny_config(data_dir)
     section, name = field.split(".")
     config[section][name] = value
     with pytest.raises(ValueError, match=re.escape(message)):
-        builders.check_config(config)
+        Experiment(config, str(tmp_path / "workdir"))
+    assert not os.path.exists(tmp_path / "workdir")
 
 
 def test_cifar10_with_dihedral_augmentation_steps_and_evaluates_on_mock_data(tmp_path):
@@ -102,12 +103,12 @@ def test_cifar10_with_dihedral_augmentation_steps_and_evaluates_on_mock_data(tmp
     config.eval.batch_size = 32
     with tfds.testing.mock_data(num_examples=48):
         experiment = Experiment(config, str(tmp_path / "workdir"))
-        assert experiment.model.network.cond_dim == 8
-        batch = next(train_batches(experiment.spec, batch_size=16, seed=0, augment="dihedral", download=True))
+        assert experiment.task.model.network.cond_dim == 8
+        batch = next(train_batches(experiment.task.spec, batch_size=16, seed=0, augment="dihedral", download=True))
         assert batch["cond"].shape == (16, 8)
         batches = shard_batch({k: batch[k][None] for k in ("image", "cond")}, experiment.mesh, leading_axes=1)
         state, metrics = experiment.train_steps(experiment.initial_state(), batches, experiment.rng)
-        evaluation = experiment.bits_per_dim.run(state.ema_params)
+        evaluation = experiment.task.bits_per_dim.run(state.ema_params)
     assert np.isfinite(float(metrics["loss"][0])) and int(state.step) == 1
     assert evaluation["num_examples"] == 48 and np.isfinite(evaluation["bpd"])
 

@@ -31,7 +31,8 @@ def test_terms_equal_reconstruction_plus_beta_kl_computed_independently(params_a
     rng, decoder_std, beta = jax.random.PRNGKey(2), 0.1, 0.25
     terms = jax.jit(lambda p, x: vae_terms(VAE, p, rng, x, decoder_std=decoder_std, beta=beta))(params, x)
     mean, logvar = (np.asarray(a, np.float64) for a in VAE.apply({"params": params}, x, method="encode"))
-    z = mean + np.exp(logvar / 2) * np.asarray(jax.random.normal(rng, mean.shape), np.float64)
+    eps = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(rng, b), mean.shape[1:])) for b in range(3)])
+    z = mean + np.exp(logvar / 2) * eps.astype(np.float64)  # example b's noise: normal(fold_in(rng, b))
     x_hat = np.asarray(VAE.apply({"params": params}, jnp.asarray(z, jnp.float32), method="decode"), np.float64)
     reconstruction = -stats.norm.logpdf(np.asarray(x, np.float64), x_hat, decoder_std).reshape(3, -1).sum(-1)
     closed_kl = 0.5 * (np.exp(logvar) + mean**2 - 1 - logvar).reshape(3, -1).sum(-1)  # independent of gaussian_kl

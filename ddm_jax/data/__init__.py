@@ -11,6 +11,7 @@ from ddm_jax.data.digits import Digits
 from ddm_jax.data.fashion_mnist import FashionMnistDebian
 from ddm_jax.data.pipeline import (
     DatasetSpec,
+    batches_of_arrays,
     check_eval_split,
     dataset_spec,
     eval_batches,
@@ -26,6 +27,7 @@ __all__ = [
     "FashionMnistDebian",
     "Shapes",
     "augment_batch",
+    "batches_of_arrays",
     "check_augment",
     "check_eval_split",
     "dataset_spec",

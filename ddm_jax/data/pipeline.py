@@ -135,13 +135,37 @@ def train_batches(
     those of `dataset_spec`, used when a name is given. The order is described
     in this module's docstring.
     """
-    local_batch_size = _local_batch_size(batch_size, process_index, process_count)
-    check_int("seed", seed, minimum=0)
-    check_int("start_step", start_step, minimum=0)
     spec = _as_spec(spec_or_name, data_dir, image_size, download)
     check_augment(augment, spec.image_shape)
     arrays = load_split(spec, "train", data_dir, download=download)
-    num_examples = len(arrays["image"])
+    return batches_of_arrays(
+        arrays,
+        batch_size=batch_size,
+        seed=seed,
+        start_step=start_step,
+        process_index=process_index,
+        process_count=process_count,
+        augment=augment,
+    )
+
+
+def batches_of_arrays(
+    arrays: Batch,
+    *,
+    batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    augment: str | None = None,
+) -> Iterator[Batch]:
+    """Endless training batches of this process from in-memory arrays [n, ...] (a split, or features
+    computed from one, e.g. latents and token ids), in the order of this module's docstring; the
+    arguments are `train_batches`'. Every array of `arrays` is gathered with the same indices."""
+    local_batch_size = _local_batch_size(batch_size, process_index, process_count)
+    check_int("seed", seed, minimum=0)
+    check_int("start_step", start_step, minimum=0)
+    num_examples = len(next(iter(arrays.values())))
     check(batch_size <= num_examples, "batch_size", batch_size, f"at most the {num_examples} training examples")
     first_row = process_index * local_batch_size
     rows = slice(first_row, first_row + local_batch_size)
@@ -447,7 +471,7 @@ def _train_batches(
     arrays: Batch, batch_size: int, seed: int, start_step: int, rows: slice, augment: str | None
 ) -> Iterator[Batch]:
     """This process's `rows` of each global batch from `start_step` on, augmented if `augment` is set."""
-    index_batches = _shuffled_index_batches(len(arrays["image"]), batch_size, seed, start_step)
+    index_batches = _shuffled_index_batches(len(next(iter(arrays.values()))), batch_size, seed, start_step)
     for step, indices in enumerate(index_batches, start_step):
         batch = {key: array[indices[rows]] for key, array in arrays.items()}
         if augment is not None:

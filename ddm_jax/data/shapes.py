@@ -641,8 +641,12 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     BUILDER_CONFIGS = [
-        ShapesConfig(name=str(image_size), image_size=image_size, description=f"{image_size}x{image_size} images.")
-        for image_size in IMAGE_SIZES
+        *(
+            ShapesConfig(name=str(image_size), image_size=image_size, description=f"{image_size}x{image_size} images.")
+            for image_size in IMAGE_SIZES
+        ),
+        # The first examples of "32" (the same seed), prepared in a few seconds: quick runs and tests.
+        ShapesConfig(name="32_small", num_train=1000, num_test=200, description="The first 1000 / 200 of 32x32."),
     ]
 
     def _info(self) -> tfds.core.DatasetInfo:

@@ -14,6 +14,7 @@ from ddm_jax.diffusion.elbo import (
     diffusion_weight,
     loss_weight,
     per_example_normal,
+    per_example_uniform,
     prior_loss,
     reconstruction_logits,
     reconstruction_loss,

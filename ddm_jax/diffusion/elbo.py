@@ -90,6 +90,11 @@ def shard_rows(local_batch_size: int, axis_name: str | None = None) -> tuple[jax
     return first + jnp.arange(local_batch_size), local_batch_size * jax.lax.axis_size(axis_name)
 
 
+def per_example_uniform(rng: jax.Array, batch_size: int, rows=None) -> jax.Array:
+    """U(0, 1) draws [b] whose example b is uniform(fold_in(rng, rows[b])) (rows default 0..batch_size-1)."""
+    return jax.vmap(lambda row: jax.random.uniform(jax.random.fold_in(rng, row)))(batch_rows(rows, batch_size))
+
+
 def per_example_normal(rng: jax.Array, shape, rows=None) -> jax.Array:
     """Noise [b, *shape[1:]] whose example b is normal(fold_in(rng, rows[b])) (rows default 0..b-1)."""
     rows = batch_rows(rows, shape[0])
@@ -106,11 +111,10 @@ def sample_times(rng: jax.Array, batch_size: int, *, T: int = 0, antithetic: boo
     uniform(fold_in(rng, b)). With T > 0 steps, t is rounded up onto the grid {1/T, ..., 1}, so
     s = t - 1/T >= 0.
     """
-    rows = batch_rows(rows, batch_size)
     if antithetic:
-        t = jnp.mod(jax.random.uniform(rng) + rows / batch_size, 1.0)
+        t = jnp.mod(jax.random.uniform(rng) + batch_rows(rows, batch_size) / batch_size, 1.0)
     else:
-        t = jax.vmap(lambda row: jax.random.uniform(jax.random.fold_in(rng, row)))(rows)
+        t = per_example_uniform(rng, batch_size, rows)
     if T > 0:
         t = (jnp.floor(t * T) + 1.0) / T
     return t

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from ddm_jax.checks import check, check_choice
+from ddm_jax.diffusion import per_example_normal
 from ddm_jax.models.sd_layers import Attention, Downsample2D, Dtype, ResnetBlock2D, Upsample2D, conv, group_norm
 
 EPS = 1e-6  # every GroupNorm of diffusers' VAE
@@ -222,15 +223,19 @@ def gaussian_nll(x: jax.Array, x_hat: jax.Array, decoder_std: float) -> jax.Arra
     return nll.reshape(nll.shape[0], -1).sum(-1)
 
 
-def vae_terms(vae: AutoencoderKL, params, rng: jax.Array, x: jax.Array, *, decoder_std: float, beta: float) -> dict:
+def vae_terms(
+    vae: AutoencoderKL, params, rng: jax.Array, x: jax.Array, *, decoder_std: float, beta: float, rows=None
+) -> dict:
     """The VAE's per-example terms (Kingma & Welling 2014; beta-VAE, Higgins et al. 2017), [B] nats:
 
-    reconstruction = -log N(x; decode(z), decoder_std^2 I) with z ~ q(z | x) reparameterised,
+    reconstruction = -log N(x; decode(z), decoder_std^2 I) with z = mean + exp(logvar / 2) eps,
     kl = KL(q(z | x) || N(0, I)), elbo = reconstruction + kl (the negative ELBO),
     loss = reconstruction + beta kl (beta < 1 trades the prior's fit for reconstructions).
-    x: images in [-1, 1], [B, H, W, C].
+    x: images in [-1, 1], [B, H, W, C]; example b's eps is normal(fold_in(rng, rows[b]))
+    (`diffusion.per_example_normal`), so a shard of a batch draws what the whole batch would.
     """
     mean, logvar = vae.apply({"params": params}, x, method="encode")
-    x_hat = vae.apply({"params": params}, sample_latent(rng, mean, logvar), method="decode")
+    z = mean + jnp.exp(0.5 * logvar) * per_example_normal(rng, mean.shape, rows)
+    x_hat = vae.apply({"params": params}, z, method="decode")
     reconstruction, kl = gaussian_nll(x, x_hat, decoder_std), gaussian_kl(mean, logvar)
     return {"reconstruction": reconstruction, "kl": kl, "elbo": reconstruction + kl, "loss": reconstruction + beta * kl}

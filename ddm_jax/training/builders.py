@@ -15,15 +15,27 @@ from ddm_jax.checks import ArgumentError, check, check_choice, check_int, check_
 from ddm_jax.data import AUGMENT_COND_DIM, DatasetSpec, check_augment, check_eval_split, dataset_spec
 from ddm_jax.diffusion import SCHEDULES
 from ddm_jax.diffusion import build_schedule as schedule_by_name
-from ddm_jax.models import NETWORKS
+from ddm_jax.models import NETWORKS, load_diffusers
+from ddm_jax.models.clip_tokenizer import default_tokenizer
+from ddm_jax.models.diffusers_io import module_from_config
+from ddm_jax.models.latent_diffusion import LatentDiffusion, schedule_from_scheduler_config
 from ddm_jax.models.layers import compute_dtype
 from ddm_jax.models.vdm import VDM
+from ddm_jax.training.autoencoder_task import AutoencoderTask
 from ddm_jax.training.optimizer import validate_optimizer_config
+from ddm_jax.training.text_to_image_task import TextToImageTask
+from ddm_jax.training.vdm_task import BETA_SCHEDULES, VDMTask, model_architecture
 
 LEARNED_SCHEDULES = ("learned_linear", "learned_monotone")
-BETA_SCHEDULES = ("ddpm_linear", "scaled_linear")
+TASKS = ("vdm", "autoencoder", "text_to_image")
 EVERY_N_STEPS_FIELDS = ("log_every", "eval_every", "checkpoint_every", "sample_every")
-POSITIVE_TRAINING_FIELDS = ("batch_size", "substeps", "keep_checkpoints", "num_samples", "sample_steps")
+POSITIVE_TRAINING_FIELDS = ("batch_size", "substeps", "keep_checkpoints", "num_samples")
+EVAL_FIELDS = {  # the eval section's positive integers, by task
+    "vdm": ("batch_size", "num_time_samples"),
+    "autoencoder": ("batch_size",),
+    "text_to_image": ("batch_size", "num_examples", "sampling_steps"),
+}
+FAMILY_PAD_IDS = {"quick_gelu": 49407, "gelu": 0}  # SD-1's OpenAI CLIP pads with the end token, SD-2's with "!"
 
 
 def as_module_attributes(settings: dict) -> dict:
@@ -106,29 +118,13 @@ def build_vdm(model: ml_collections.ConfigDict, image_shape, vocab_size: int, co
         )
 
 
-def architecture(model: ml_collections.ConfigDict) -> dict:
-    """config.model as a checkpoint's fingerprint holds it: what fixes the parameters' meaning.
-
-    Left out: the networks' compute dtype (the parameters stay float32), and T, weighting and
-    antithetic time sampling, which change the loss but not the model, so a checkpoint can be
-    evaluated with another T (a continuous-time model in discrete time, or the reverse) or resumed
-    with another loss. The DDPM schedules' T, which fixes their betas, stays.
-    """
-    config = model.to_dict()
-    for network in NETWORKS:
-        config.get(network, {}).pop("dtype", None)
-    for field in ("weighting", "antithetic_time_sampling") + (() if model.schedule in BETA_SCHEDULES else ("T",)):
-        config.pop(field, None)
-    return config
-
-
 # The whole config ------------------------------------------------------------------------------
 
 
-def check_training(training: ml_collections.ConfigDict, evaluation: ml_collections.ConfigDict) -> None:
-    """The training and eval sections' integers, multiples and rates."""
+def check_training(training: ml_collections.ConfigDict, evaluation: ml_collections.ConfigDict, kind: str) -> None:
+    """The training and eval sections' integers, multiples and rates (those the task `kind` has)."""
     with config_fields("training"):
-        for field in POSITIVE_TRAINING_FIELDS + EVERY_N_STEPS_FIELDS:
+        for field in POSITIVE_TRAINING_FIELDS + (("sample_steps",) if kind == "vdm" else ()) + EVERY_N_STEPS_FIELDS:
             check_int(field, training[field], minimum=1)
         check_int("num_steps", training.num_steps, minimum=0)
         for field in ("num_steps",) + EVERY_N_STEPS_FIELDS:
@@ -140,23 +136,24 @@ def check_training(training: ml_collections.ConfigDict, evaluation: ml_collectio
             )
         check_interval("ema_decay", training.ema_decay, 0.0, 1.0)
     with config_fields("eval"):
-        check_int("batch_size", evaluation.batch_size, minimum=1)
-        check_int("num_time_samples", evaluation.num_time_samples, minimum=1)
+        for field in EVAL_FIELDS[kind]:
+            check_int(field, evaluation[field], minimum=1)
 
 
 def check_data(data: ml_collections.ConfigDict, batch_size: int) -> DatasetSpec:
     """The dataset's spec, after checking the data section against it (prepares offline datasets)."""
     with config_fields("data", split="data.eval_split"):
-        image_size = None if data.image_size is None else tuple(data.image_size)
+        image_size = data.get("image_size")
+        image_size = None if image_size is None else tuple(image_size)
         spec = dataset_spec(data.dataset, data.data_dir, image_size=image_size, download=data.download)
-        if data.vocab_size is not None:
+        if data.get("vocab_size") is not None:
             check(
                 data.vocab_size == spec.vocab_size,
                 "vocab_size",
                 data.vocab_size,
                 f"{spec.vocab_size}, the vocabulary of dataset {spec.name!r} (or leave it unset)",
             )
-        check_augment(data.augment, spec.image_shape)
+        check_augment(data.get("augment"), spec.image_shape)
         check_eval_split(spec, data.eval_split)
     train_size = spec.split_sizes.get("train")
     if train_size is not None:
@@ -169,13 +166,88 @@ def check_data(data: ml_collections.ConfigDict, batch_size: int) -> DatasetSpec:
     return spec
 
 
-def check_config(config: ml_collections.ConfigDict) -> tuple[DatasetSpec, VDM]:
-    """Validates the whole config against the data; returns the dataset spec and the model.
+def check_rgb_images(spec: DatasetSpec) -> None:
+    """The latent models take 8-bit RGB images."""
+    check(
+        spec.image_shape[-1] == 3 and spec.vocab_size == 256,
+        "data.dataset",
+        spec.name,
+        f"a dataset of 8-bit RGB images; its images are {spec.image_shape} with {spec.vocab_size} values",
+    )
 
-    Reads no checkpoint and compiles nothing; the first error names its config field.
-    """
-    check_training(config.training, config.eval)
+
+def task_kind(config: ml_collections.ConfigDict) -> str:
+    """config.task: what the config trains (a config without the field is a VDM's)."""
+    kind = config.get("task", "vdm")
+    with config_fields():
+        check_choice("task", kind, TASKS)
+    return kind
+
+
+def config_architecture(config: ml_collections.ConfigDict) -> dict:
+    """What of the config fixes the meaning of a checkpoint's parameters: compared with a run's saved
+    config, and part of every checkpoint's fingerprint."""
+    kind = task_kind(config)
+    if kind == "vdm":
+        model = model_architecture(config.model)
+    elif kind == "autoencoder":
+        model = {"vae": config.model.vae.to_dict()}
+    else:
+        model = {name: config.model[name].to_dict() for name in ("text_encoder", "unet", "scheduler")}
+        model["vae_folder"] = config.model.vae_folder
+    return {"task": kind, "model": model, "data": {"dataset": config.data.dataset}}
+
+
+def build_latent_diffusion(model: ml_collections.ConfigDict) -> tuple[LatentDiffusion, dict]:
+    """The text-to-image model of config.model (text encoder and UNet from their config dicts, the
+    stage-1 VAE from model.vae_folder, the schedule from model.scheduler) and the VAE's parameters."""
+    with config_fields("model.text_encoder"):
+        text_encoder = module_from_config("text_encoder", model.text_encoder.to_dict())
+    with config_fields("model.unet"):
+        unet = module_from_config("unet", model.unet.to_dict())
+    with config_fields("model.scheduler"):
+        schedule, parameterization = schedule_from_scheduler_config(model.scheduler.to_dict())
+    with config_fields(folder="model.vae_folder"):
+        vae, vae_params = load_diffusers(model.vae_folder, "vae")
+    with config_fields("model"):
+        check_interval("prompt_dropout", model.prompt_dropout, 0.0, 1.0)
+        latent_diffusion = LatentDiffusion(
+            text_encoder=text_encoder,
+            unet=unet,
+            vae=vae,
+            schedule=schedule,
+            tokenizer=default_tokenizer(),
+            parameterization=parameterization,
+            pad_token_id=FAMILY_PAD_IDS[text_encoder.hidden_act],
+        )
+    return latent_diffusion, vae_params
+
+
+def build_task(config: ml_collections.ConfigDict, mesh, rng, workdir: str):
+    """The training task the config describes (training/vdm_task.py lists what a task does), after
+    checking the whole config: reads no checkpoint and compiles nothing; the first error names its
+    config field."""
+    kind = task_kind(config)
+    check_training(config.training, config.eval, kind)
     validate_optimizer_config(config.optimizer)
     spec = check_data(config.data, config.training.batch_size)
-    cond_dim = AUGMENT_COND_DIM.get(config.data.augment)
-    return spec, build_vdm(config.model, spec.image_shape, spec.vocab_size, cond_dim=cond_dim)
+    if kind == "vdm":
+        cond_dim = AUGMENT_COND_DIM.get(config.data.augment)
+        model = build_vdm(config.model, spec.image_shape, spec.vocab_size, cond_dim=cond_dim)
+        return VDMTask(config, spec, model, mesh, rng, workdir)
+    check_rgb_images(spec)
+    if kind == "autoencoder":
+        with config_fields("model.vae"):
+            vae = module_from_config("vae", config.model.vae.to_dict())
+        with config_fields("model"):
+            check(config.model.decoder_std > 0, "decoder_std", config.model.decoder_std, "a standard deviation > 0")
+            check(config.model.beta >= 0, "beta", config.model.beta, "a weight >= 0")
+        return AutoencoderTask(config, spec, vae, mesh, rng, workdir)
+    model, vae_params = build_latent_diffusion(config.model)
+    check(
+        model.latent_shape(*spec.image_shape[:2])[-1] == model.vae.latent_channels,
+        "data.dataset",
+        spec.name,
+        "images the VAE and UNet take",
+    )
+    return TextToImageTask(config, spec, model, vae_params, mesh, rng, workdir)

@@ -10,6 +10,7 @@ Config fields (the `optimizer` section of an experiment config):
 import math
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -60,11 +61,17 @@ def learning_rate_fn(cfg: ml_collections.ConfigDict) -> Callable[[jnp.ndarray], 
     return learning_rate
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """clip_by_global_norm (when grad_clip_norm > 0) followed by AdamW on the schedule."""
+def make_optimizer(cfg: ml_collections.ConfigDict, trainable=None) -> optax.GradientTransformation:
+    """clip_by_global_norm (when grad_clip_norm > 0) followed by AdamW on the schedule.
+
+    trainable: None, or a function params -> a tree of bools; leaves marked False are frozen: the
+    optimizer neither updates them nor keeps moments for them (optax.multi_transform).
+    """
     adamw = optax.adamw(
         learning_rate=learning_rate_fn(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay
     )
-    if not cfg.grad_clip_norm:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adamw)
+    optimizer = adamw if not cfg.grad_clip_norm else optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adamw)
+    if trainable is None:
+        return optimizer
+    labels = lambda params: jax.tree.map(lambda train: "train" if train else "freeze", trainable(params))
+    return optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)

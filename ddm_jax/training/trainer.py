@@ -1,9 +1,10 @@
-"""Training and evaluation of a VDM from a config: the loop and the three modes of main.py.
+"""Training and evaluation from a config: the loop and the train, eval and sample modes of main.py.
 
-train_and_evaluate(config, workdir) trains (resuming from the latest checkpoint in workdir),
-evaluates test bits/dim every `training.eval_every` steps, writes sample grids, and returns the
-final evaluation. evaluate and sample run an evaluator on the latest checkpoint. Everything that
-can be checked without compiling is checked first (`builders.check_config`).
+train_and_evaluate(config, workdir) trains the config's task (a VDM, an autoencoder or a
+text-to-image model; `Experiment`), resuming from the newest intact checkpoint in workdir,
+evaluates it every `training.eval_every` steps, writes sample grids, exports it at the end (e.g. a
+diffusers folder) and returns the final evaluation. evaluate and sample run on the newest intact
+checkpoint. Everything that can be checked without compiling is checked first (`builders.build_task`).
 """
 
 import contextlib
@@ -18,9 +19,10 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from ddm_jax.checks import check_int, check_interval, config_fields
-from ddm_jax.data import train_batches
+from ddm_jax.checks import check, check_int, check_interval, config_fields
 from ddm_jax.diffusion.samplers import check_settings
+from ddm_jax.training.builders import task_kind
+from ddm_jax.training.checkpoints import restore_latest
 from ddm_jax.training.experiment import Experiment, resolve_config, save_config
 from ddm_jax.training.sharding import shard_batch
 
@@ -34,9 +36,10 @@ def first_non_finite_step(history: list[tuple[int, dict]]) -> int | None:
     return None
 
 
-def progress_line(step: int, num_steps: int, start: int, seconds: float, metrics: dict) -> str:
-    """'step 2000/8000 (25%), 14.1 steps/s, ETA 7.1 min, train bpd 2.03' from steps since `start`."""
-    rate = (step - start) / max(seconds, 1e-9)
+def progress_line(step: int, num_steps: int, steps_done: int, seconds: float, metrics: dict) -> str:
+    """'step 2000/8000 (25%), 14.1 steps/s, ETA 7.1 min, train loss 2.03', the rate being that of the
+    `steps_done` steps of the last `seconds` (since the previous line: compilation drops out)."""
+    rate = steps_done / max(seconds, 1e-9)
     eta_minutes = (num_steps - step) / max(rate, 1e-9) / 60.0
     return (
         f"step {step}/{num_steps} ({100.0 * step / max(num_steps, 1):.0f}%), {rate:.1f} steps/s, "
@@ -59,21 +62,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         save_config(experiment.workdir, config)
         state = experiment.initial_state()
         writer = metric_writers.create_default_writer(experiment.workdir, just_logging=jax.process_index() > 0)
-        start = store.latest_step() or 0
+        start, state = restore_latest(store, state) or (0, state)  # damaged steps are moved aside
         if start:
-            state = store.restore(start, state)
             logging.info("Resumed from step %d in %s", start, store.directory)
-        batches = train_batches(
-            experiment.spec,
-            batch_size=training.batch_size,
-            seed=training.seed,
-            data_dir=config.data.data_dir,
-            download=config.data.download,
-            start_step=start,
-            augment=config.data.augment,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
+        note = None  # why the reported step is not training.num_steps
+        if start > training.num_steps:
+            note = (
+                f"training.num_steps={training.num_steps} is below the checkpoint's step {start}; nothing was trained"
+            )
+            logging.warning("%s; reporting step %d", note, start)
+        batches = experiment.task.train_batches(start)
         logging.info(
             "Process %d of %d; mesh of %d devices, %d of them local",
             jax.process_index(),
@@ -84,25 +82,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         report = periodic_actions.ReportProgress(num_train_steps=training.num_steps, writer=writer)
         train_rng = jax.random.fold_in(experiment.rng, 3)
         started = time.time()
+        logged = (start, started)  # (step, time) of the last progress line
         history, evaluation, samples = [], None, None
 
         def check_finite(step):
             bad = first_non_finite_step(jax.device_get(history))
             if bad is not None:
+                latest = store.latest_step()
+                kept = (
+                    f"no checkpoint exists in {store.directory}"
+                    if latest is None
+                    else f"the last checkpoint in {store.directory} (step {latest}) is intact"
+                )
                 raise FloatingPointError(
-                    f"non-finite loss or gradient at step {bad}; stopped before step {step} was saved, "
-                    f"so the last checkpoint in {store.directory} (step {store.latest_step()}) is intact"
+                    f"non-finite loss or gradient at step {bad}; stopped before step {step} was saved, so {kept}"
                 )
 
         def write_samples(step, params):
-            result = experiment.training_samples.run(params, f"step_{step}")
+            result = experiment.task.samples(params, f"step_{step}")
             writer.write_images(step, {"samples": result["grid"][None]})
             return result
 
         step = start
         while step < training.num_steps and not preempted.is_set():
             local = [next(batches) for _ in range(training.substeps)]
-            local = {key: np.stack([b[key] for b in local]) for key in ("image", "cond") if key in local[0]}
+            local = {key: np.stack([b[key] for b in local]) for key in local[0]}
             state, metrics = experiment.train_steps(
                 state, shard_batch(local, experiment.mesh, leading_axes=1), train_rng
             )
@@ -117,10 +121,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 means = jax.tree.map(lambda *v: float(np.mean(v)), *jax.device_get([m for _, m in history]))
                 writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
                 if jax.process_index() == 0:
-                    print(progress_line(step, training.num_steps, start, time.time() - started, means), flush=True)
+                    now = time.time()
+                    print(progress_line(step, training.num_steps, step - logged[0], now - logged[1], means), flush=True)
+                    logged = (step, now)
                 history = []
             if step % training.eval_every == 0 or step == training.num_steps:
-                evaluation = experiment.bits_per_dim.run(state.ema_params)
+                evaluation = experiment.task.evaluate(state.ema_params)
                 writer.write_scalars(step, {f"eval/{k}": v for k, v in evaluation.items()})
             if step % training.sample_every == 0 or step == training.num_steps:
                 samples = write_samples(step, state.ema_params)
@@ -130,11 +136,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             logging.warning("SIGTERM: saved step %d in %s and stopped", step, store.directory)
         store.wait_until_finished()
         if evaluation is None:  # preempted, or nothing left to train: report the state as it is
-            evaluation = experiment.bits_per_dim.run(state.ema_params)
+            evaluation = experiment.task.evaluate(state.ema_params)
             samples = write_samples(step, state.ema_params)
         writer.flush()
+        exports = {} if preempted.is_set() else experiment.export(state, step)
         return {
             **evaluation,
+            **exports,
             "step": step,
             "resumed_from": start,
             "preempted": preempted.is_set(),
@@ -142,6 +150,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "workdir": experiment.workdir,
             "checkpoint": os.path.join(store.directory, str(store.latest_step())),
             "samples": samples["png"],
+            "note": note,
         }
 
 
@@ -156,11 +165,14 @@ def _preemption_flag():
         signal.signal(signal.SIGTERM, previous)
 
 
-def evaluate(config: ml_collections.ConfigDict | None, workdir: str) -> dict:
-    """Test bits/dim of the latest checkpoint's EMA parameters in workdir (config: None for the saved one)."""
+def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, step: int | None = None) -> dict:
+    """Test bits/dim of the EMA parameters of the newest intact checkpoint in workdir, or of checkpoint
+    `step` (config: None for the saved one)."""
+    if step is not None:
+        check_int("--step", step, minimum=0)
     experiment = Experiment(resolve_config(config, workdir), workdir)
-    step, state = experiment.restore_latest("evaluate")
-    return {**experiment.bits_per_dim.run(state.ema_params), "step": step}
+    step, state = experiment.restore_latest("evaluate", step)
+    return {**experiment.task.evaluate(state.ema_params), "step": step}
 
 
 def sample(
@@ -171,20 +183,32 @@ def sample(
     steps: int,
     num_samples: int,
     eta: float | None = None,
+    step: int | None = None,
 ) -> dict:
-    """Samples the latest checkpoint's EMA parameters; writes a PNG grid and an .npz of the integers
-    under workdir/samples (config: None for the saved one)."""
+    """Samples the EMA parameters of the newest intact checkpoint, or of checkpoint `step` (`steps` are
+    the sampler's); writes a PNG grid and an .npz of the integers under workdir/samples (config: None
+    for the saved one)."""
     check_int("--steps", steps, minimum=1)
     check_int("--num_samples", num_samples, minimum=1)
+    if step is not None:
+        check_int("--step", step, minimum=0)
     sampler_settings = {} if eta is None else {"eta": eta}
     with config_fields(sampler="--sampler", eta="--eta"):
         check_settings(sampler, sampler_settings)
         if eta is not None:
             check_interval("eta", eta, 0.0, 1.0, closed_high=True)
     settings = {"sampler": sampler, "steps": steps, **sampler_settings}
-    experiment = Experiment(resolve_config(config, workdir), workdir)
-    step, state = experiment.restore_latest("sample")
-    evaluator = experiment.samples(jax.random.fold_in(experiment.rng, 4), num_samples, **settings)
+    config = resolve_config(config, workdir)
+    check(
+        task_kind(config) == "vdm",
+        "--mode",
+        "sample",
+        "a VDM config's mode (an autoencoder shows its reconstructions in training; a text-to-image model "
+        "samples with --mode=generate)",
+    )
+    experiment = Experiment(config, workdir)
+    step, state = experiment.restore_latest("sample", step)
+    evaluator = experiment.task.sampler(jax.random.fold_in(experiment.rng, 4), num_samples, **settings)
     eta_part = "" if eta is None else f"_eta{eta}"
     result = evaluator.run(state.ema_params, f"{sampler}{eta_part}_{steps}steps_{num_samples}samples_checkpoint{step}")
     return {"step": step, "png": result["png"], "npz": result["npz"], "nfe": result["nfe"]}

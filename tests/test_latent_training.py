@@ -1,0 +1,138 @@
+"""Training the latent text-to-image base on shapes: the VAE stage, the text-to-image stage, and the
+exported folder as an SD checkpoint (loaded, and generating through --mode=generate)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import shapes_t2i, shapes_vae
+from ddm_jax.data import load_split
+from ddm_jax.models import load_diffusers
+from ddm_jax.models.latent_diffusion import LatentDiffusion
+from ddm_jax.training import trainer
+from ddm_jax.training.experiment import Experiment
+from ddm_jax.training.sharding import shard_batch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 2
+
+
+def tiny(config, data_dir):
+    """A few steps on shapes/32_small with every interval at STEPS."""
+    config.data.dataset, config.data.data_dir = "shapes/32_small", data_dir
+    config.training.update(
+        num_steps=STEPS, log_every=STEPS, eval_every=STEPS, checkpoint_every=STEPS, sample_every=STEPS, batch_size=8
+    )
+    config.optimizer.update(warmup_steps=1, decay_steps=STEPS)
+    return config
+
+
+def tiny_vae_config(data_dir):
+    config = tiny(shapes_vae.get_config(), data_dir)
+    config.model.vae.update(block_out_channels=(8, 8, 8), norm_num_groups=4)
+    config.training.num_samples = 4
+    config.eval.batch_size = 100
+    return config
+
+
+def tiny_t2i_config(data_dir, vae_folder):
+    config = tiny(shapes_t2i.get_config(), data_dir)
+    config.model.vae_folder = vae_folder
+    config.model.text_encoder.update(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1)
+    config.model.unet.update(
+        block_out_channels=(16, 16), norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2
+    )
+    config.training.num_samples = 2
+    config.eval.update(batch_size=100, num_examples=16, sampling_steps=2)
+    return config
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The two stages trained STEPS steps each; (data_dir, vae result, t2i result, t2i workdir)."""
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    vae = trainer.train_and_evaluate(tiny_vae_config(data_dir), str(tmp_path_factory.mktemp("vae")))
+    workdir = str(tmp_path_factory.mktemp("t2i"))
+    t2i = trainer.train_and_evaluate(tiny_t2i_config(data_dir, os.path.dirname(vae["vae"])), workdir)
+    return data_dir, vae, t2i, workdir
+
+
+def test_the_vae_stage_reports_psnr_and_kl_and_exports_with_its_scaling_factor(runs):
+    data_dir, vae_result, _, _ = runs
+    assert vae_result["num_examples"] == 200 and np.isfinite(vae_result["psnr"]) and vae_result["kl_nats"] >= 0
+    vae, params = load_diffusers(vae_result["vae"], "vae")
+    images = load_split("shapes/32_small", "train", data_dir)["image"]
+    mean, _ = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode"))(params, images / 127.5 - 1.0)
+    np.testing.assert_allclose(vae.scaling_factor, 1.0 / np.std(np.asarray(mean)), rtol=1e-4)
+    assert vae.scaling_factor == pytest.approx(vae_result["scaling_factor"])
+
+
+@pytest.fixture(scope="module")
+def model_and_params(runs):
+    _, _, t2i_result, _ = runs
+    return LatentDiffusion.load(t2i_result["diffusers"])
+
+
+def test_the_exported_base_loads_as_an_sd_checkpoint_and_generates_with_mode_generate(runs, tmp_path):
+    _, _, t2i_result, _ = runs
+    folder = t2i_result["diffusers"]
+    assert {"unet", "vae", "text_encoder", "scheduler", "tokenizer", "model_index.json"} <= set(os.listdir(folder))
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as file:
+        scheduler = json.load(file)
+    assert (scheduler["beta_schedule"], scheduler["prediction_type"]) == ("scaled_linear", "epsilon")
+    command = [
+        sys.executable, "-m", "ddm_jax.main", "--mode=generate", "--config=configs/sd_generate.py",
+        f"--workdir={tmp_path}", f"--config.checkpoint={folder}", "--config.steps=2", "--config.guidance_scale=2.0",
+        "--prompt=a large red star on the left, on a white background",
+    ]  # fmt: skip
+    output = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert output.returncode == 0, output.stderr[-3000:]
+    assert os.path.isfile(tmp_path / "images" / "0000.png")
+
+
+def test_the_prediction_depends_on_the_prompt_through_cross_attention(model_and_params):
+    model, params = model_and_params
+    tokens = model.tokenize(["a large red star on the left", "two shapes: a blue ring and a yellow square"])
+    context = model.encode_prompts(params["text_encoder"], tokens)
+    z = jax.random.normal(jax.random.PRNGKey(0), (1, 8, 8, 4))
+    gamma = model.gamma_fn(jnp.array([0.5]))
+    first, second = (model.predict(params["unet"], z, gamma, context[i : i + 1]) for i in range(2))
+    assert float(jnp.abs(first - second).max()) > 1e-4 * float(jnp.abs(first).max())
+
+
+def test_prompt_dropout_trains_on_the_empty_prompt_under_jit(runs, tmp_path):
+    data_dir, vae_result, _, _ = runs
+    config = tiny_t2i_config(data_dir, os.path.dirname(vae_result["vae"]))
+    task = Experiment(config, str(tmp_path)).task
+    params = task.init(jax.random.PRNGKey(1))
+    batch = {key: value[:6] for key, value in task.held_out.items() if key != "caption"}
+    empty = {**batch, "tokens": np.repeat(np.asarray(task.null_tokens), 6, axis=0)}
+    loss = jax.jit(task.per_example_loss, static_argnames=("prompt_dropout",))
+    rng = jax.random.PRNGKey(2)
+    np.testing.assert_allclose(
+        loss(params, rng, batch, prompt_dropout=1.0), loss(params, rng, empty, prompt_dropout=0.0)
+    )
+    assert not np.allclose(loss(params, rng, batch, prompt_dropout=0.0), loss(params, rng, empty, prompt_dropout=0.0))
+
+
+def test_a_frozen_text_encoder_stays_at_its_initialisation(runs, tmp_path):
+    data_dir, vae_result, _, _ = runs
+    config = tiny_t2i_config(data_dir, os.path.dirname(vae_result["vae"]))
+    config.model.train_text_encoder = False
+    config.optimizer.warmup_steps = 0  # the first step moves the parameters
+    experiment = Experiment(config, str(tmp_path))
+    state = experiment.initial_state()
+    before = jax.device_get(state.params)
+    batches = experiment.task.train_batches(0)
+    batch = shard_batch({key: value[None] for key, value in next(batches).items()}, experiment.mesh, leading_axes=1)
+    state, metrics = experiment.train_steps(state, batch, experiment.rng)
+    after = jax.device_get(state.params)
+    jax.tree.map(np.testing.assert_array_equal, before["text_encoder"], after["text_encoder"])
+    changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), before["unet"], after["unet"]))
+    assert any(changed) and np.isfinite(float(metrics["loss"][0]))
