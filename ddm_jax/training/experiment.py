@@ -49,10 +49,15 @@ class Experiment:
             donate_argnums=(0,),
         )
 
+    @functools.cached_property
+    def _init(self):
+        """The initial state's function of the rng, compiled once (run op by op, the score network's
+        init took 7 s of a 2-core CPU)."""
+        return jax.jit(lambda rng: create_train_state(self.task.init(rng), self.optimizer))
+
     def initial_state(self) -> TrainState:
-        """Step 0, compiled once (run op by op, the score network's init took 7 s of a 2-core CPU)."""
-        init = jax.jit(lambda rng: create_train_state(self.task.init(rng), self.optimizer))
-        return replicate(init(jax.random.fold_in(self.rng, 0)), self.mesh)
+        """Step 0 (also the target structure of every restore)."""
+        return replicate(self._init(jax.random.fold_in(self.rng, 0)), self.mesh)
 
     def checkpoints(self, read_only: bool = False) -> CheckpointStore:
         """The workdir's checkpoint store; refuses one holding another architecture (before any write).

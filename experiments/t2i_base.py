@@ -1,0 +1,210 @@
+"""The shapes text-to-image base, trained here from scratch and judged against its prompts.
+
+Stages, each skipped when its output exists (so a killed run continues where it stopped):
+  1. the VAE (configs/shapes_vae.py) in WORKDIR/vae, exported as a diffusers VAE;
+  2. the latent text-to-image model (configs/shapes_t2i.py) in WORKDIR/t2i on that frozen VAE,
+     exported as a diffusers folder and copied to --base (workdirs/shapes_base by default), the
+     folder every later experiment loads like an SD checkpoint;
+  3. the attribute classifier (configs/shapes_classifier.py) in WORKDIR/classifier;
+  4. evaluation: one image for each of --num_prompts held-out test captions at every guidance scale
+     of --scales (the same initial noise at every scale), scored by the classifier for shape,
+     colour, position and count (the stand-in for CLIP score), and the Frechet distance of the
+     classifier's features against the train split (the stand-in for FID); a PNG grid per showcase
+     prompt (rows: scales, columns: seeds).
+Writes experiments/results/t2i_base.{md,json} and t2i_base_prompt_*.png.
+
+  python -m experiments.t2i_base --workdir=workdirs/t2i_base
+"""
+
+import json
+import os
+import shutil
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from configs import shapes_classifier, shapes_t2i, shapes_vae
+from ddm_jax.data import load_split
+from ddm_jax.evaluation import frechet
+from ddm_jax.evaluation.classifier import save_classifier
+from ddm_jax.evaluation.images import image_grid, save_png, upscale_nearest
+from ddm_jax.evaluation.shapes_metrics import (
+    feature_statistics,
+    load_shapes,
+    load_shapes_classifier,
+    score_images,
+    summary,
+    train_shapes_classifier,
+)
+from ddm_jax.training import trainer
+from ddm_jax.training.experiment import Experiment
+
+flags.DEFINE_string("workdir", "workdirs/t2i_base", "One sub-directory per stage (each resumed or skipped).")
+flags.DEFINE_string("base", "workdirs/shapes_base", "Where the trained base goes, as a diffusers folder.")
+flags.DEFINE_string("results", "experiments/results", "Where t2i_base.{md,json,png} go.")
+flags.DEFINE_list("scales", ["1", "2", "4", "7.5"], "Guidance scales evaluated.")
+flags.DEFINE_integer("num_prompts", 512, "Held-out test captions generated at every scale.")
+flags.DEFINE_integer("num_showcase", 6, "Prompts shown as grids (rows: scales, columns: seeds).")
+flags.DEFINE_integer("showcase_seeds", 6, "Images per scale in a showcase grid.")
+flags.DEFINE_string("sampler", "dpm_solver_pp", "Sampler of the evaluation (a key of diffusion.SAMPLERS).")
+flags.DEFINE_integer("steps", 25, "Its steps.")
+FLAGS = flags.FLAGS
+TIMES = "stage_seconds.json"
+
+
+def stage_times() -> dict:
+    path = os.path.join(FLAGS.workdir, TIMES)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as file:
+        return json.load(file)
+
+
+def record_time(stage: str, seconds: float) -> None:
+    times = stage_times()
+    times[stage] = times.get(stage, 0.0) + seconds
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+    with open(os.path.join(FLAGS.workdir, TIMES), "w") as file:
+        json.dump(times, file, indent=2)
+
+
+def train_stage(stage: str, config) -> dict:
+    """Trains (or resumes) one stage and returns its final result, timing the part that ran."""
+    start = time.time()
+    result = trainer.train_and_evaluate(config, os.path.join(FLAGS.workdir, stage))
+    if result["preempted"]:
+        raise SystemExit(f"stage {stage}: stopped by SIGTERM at step {result['step']}; rerun to continue")
+    record_time(stage, time.time() - start)
+    return result
+
+
+def export_folder(stage: str, config) -> str:
+    return os.path.join(FLAGS.workdir, stage, "export", f"step_{config.training.num_steps}")
+
+
+def classifier_stage() -> str:
+    path = os.path.join(FLAGS.workdir, "classifier", "classifier.npz")
+    if not os.path.isfile(path):
+        start = time.time()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_classifier(path, train_shapes_classifier(shapes_classifier.get_config()))
+        record_time("classifier", time.time() - start)
+    return path
+
+
+def evaluation_stage(t2i_config, classifier_path: str) -> dict:
+    """Scores and Frechet distances at every guidance scale; showcase grids."""
+    start = time.time()
+    experiment = Experiment(t2i_config, os.path.join(FLAGS.workdir, "t2i"))
+    step, state = experiment.restore_latest("evaluate")
+    task, params = experiment.task, state.ema_params
+    classifier = load_shapes_classifier(classifier_path, image_size=32)
+    captions = load_split(task.spec, t2i_config.data.eval_split, t2i_config.data.data_dir, text_features=("caption",))
+    prompts = list(captions["caption"][: FLAGS.num_prompts])
+    reference = feature_statistics(classifier, load_shapes("train")["image"])
+    rows = []
+    for scale in (float(s) for s in FLAGS.scales):
+        images = task.generate(
+            params, prompts, jax.random.PRNGKey(0), guidance_scale=scale, sampler=FLAGS.sampler, steps=FLAGS.steps
+        )
+        scores = summary(score_images(classifier, images, prompts))
+        distance = frechet.frechet_distance(*feature_statistics(classifier, images), *reference)
+        rows.append({"guidance_scale": scale, "scores": scores, "frechet_distance": distance})
+    showcase = []
+    for index, prompt in enumerate(prompts[: FLAGS.num_showcase]):
+        grid_rows = [
+            task.generate(
+                params,
+                [prompt] * FLAGS.showcase_seeds,
+                jax.random.PRNGKey(100 + index),
+                guidance_scale=float(scale),
+                sampler=FLAGS.sampler,
+                steps=FLAGS.steps,
+            )
+            for scale in FLAGS.scales
+        ]
+        path = os.path.join(FLAGS.results, f"t2i_base_prompt_{index}.png")
+        save_png(path, upscale_nearest(image_grid(np.concatenate(grid_rows), ncols=FLAGS.showcase_seeds)))
+        showcase.append({"prompt": prompt, "png": os.path.basename(path)})
+    record_time("evaluation", time.time() - start)
+    return {"step": step, "rows": rows, "showcase": showcase, "num_prompts": len(prompts)}
+
+
+def write_report(record: dict) -> None:
+    stem = os.path.join(FLAGS.results, "t2i_base")
+    with open(f"{stem}.json", "w") as file:
+        json.dump(record, file, indent=2)
+    heads = (("shapes", "shape"), ("colors", "colour"), ("position", "position"), ("num_objects", "count"))
+    table = "\n".join(
+        f"| {row['guidance_scale']:g} | "
+        + " | ".join(
+            f"{row['scores'][head]['accuracy']:.3f} +- {row['scores'][head]['standard_error']:.3f}" for head, _ in heads
+        )
+        + f" | {row['frechet_distance']:.2f} |"
+        for row in record["evaluation"]["rows"]
+    )
+    showcase = "\n".join(
+        f'- "{item["prompt"]}": ![prompt {i}]({item["png"]})' for i, item in enumerate(record["evaluation"]["showcase"])
+    )
+    times = "\n".join(f"| {stage} | {seconds / 60:.1f} |" for stage, seconds in record["stage_seconds"].items())
+    vae = record["vae"]
+    with open(f"{stem}.md", "w") as file:
+        file.write(f"""# A text-to-image base trained here: shapes, Stable Diffusion's layout
+
+Command: `{record["command"]}`, on {record["device"]}, 2 cores. The base is the diffusers folder
+`{record["base"]}` (configs/shapes_vae.py, then configs/shapes_t2i.py).
+
+VAE (stage 1, {vae["step"]} steps): test PSNR {vae["psnr"]:.2f} +- {vae["psnr_stderr"]:.2f} dB over
+{vae["num_examples"]} images (reconstructions from the posterior mean, 8-bit); KL to N(0, I)
+{vae["kl_nats"]:.1f} nats per image, reconstruction {vae["reconstruction_nats"]:.0f} nats (decoder std
+{record["decoder_std"]}); latent scaling factor {vae["scaling_factor"]:.4f}.
+
+Text-to-image model (stage 2, {record["evaluation"]["step"]} steps): one image for each of the first
+{record["evaluation"]["num_prompts"]} test captions at each guidance scale ({FLAGS.sampler}, {FLAGS.steps}
+steps, the same initial noise at every scale), read by the attribute classifier (its test accuracy:
+experiments/results/shapes_classifier.md). Accuracy +- one binomial standard error; Frechet distance
+in the classifier's penultimate features against the train split.
+
+| guidance scale | shape | colour | position (one-object prompts) | count | Frechet distance |
+|---|---|---|---|---|---|
+{table}
+
+| stage | wall minutes |
+|---|---|
+{times}
+
+Showcase (rows: guidance scales {", ".join(FLAGS.scales)}; columns: seeds):
+{showcase}
+""")
+
+
+def main(argv):
+    del argv
+    vae_config = shapes_vae.get_config()
+    vae = train_stage("vae", vae_config)
+    t2i_config = shapes_t2i.get_config()
+    t2i_config.model.vae_folder = export_folder("vae", vae_config)
+    t2i = train_stage("t2i", t2i_config)
+    if not os.path.exists(FLAGS.base):
+        shutil.copytree(export_folder("t2i", t2i_config), FLAGS.base)
+    evaluation = evaluation_stage(t2i_config, classifier_stage())
+    with open(os.path.join(export_folder("vae", vae_config), "vae", "config.json")) as file:
+        scaling_factor = json.load(file)["scaling_factor"]
+    record = {
+        "command": f"python -m experiments.t2i_base --workdir={FLAGS.workdir}",
+        "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
+        "base": FLAGS.base,
+        "decoder_std": vae_config.model.decoder_std,
+        "vae": {**{k: v for k, v in vae.items() if isinstance(v, (int, float))}, "scaling_factor": scaling_factor},
+        "t2i": {k: v for k, v in t2i.items() if isinstance(v, (int, float))},
+        "evaluation": evaluation,
+        "stage_seconds": stage_times(),
+    }
+    write_report(record)
+    print(json.dumps(record["evaluation"]["rows"], indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)
