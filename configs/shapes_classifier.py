@@ -38,6 +38,8 @@ def get_config():
     config.training.seed = 0  # initialisation and batch order
     config.training.batch_size = 64  # images per step
     config.training.num_steps = 3000  # AdamW steps (about 10 epochs of the 20000 train images)
+    config.training.max_blur = 0.8  # training images blurred with weight ~ U[0, max_blur] (shapes_metrics.degrade)
+    config.training.max_noise = 8  # then noise uniform in [-a, a] per channel, a ~ U{0..max_noise}
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 500  # images per classifier call when scoring

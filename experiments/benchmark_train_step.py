@@ -3,16 +3,20 @@
 Prints images/s, the step's FLOPs from XLA's cost analysis, the achieved FLOP/s, and that as a
 fraction of a large float32 matmul's FLOP/s measured in the same run. No dataset is read:
 batches are random integers of the config's image shape and vocabulary. Compute in bfloat16
-with --config.model.score_net.dtype=bfloat16 (float32 parameters either way).
+with --config.model.score_net.dtype=bfloat16 (float32 parameters either way). A config of another
+task (e.g. configs/shapes_t2i.py) is timed with the trainer's own step on its first real batches.
 
   python -m experiments.benchmark_train_step --config=configs/vdm_digits.py
   python -m experiments.benchmark_train_step --config=configs/vdm_cifar10.py --batch_size=8 \
       --image_shape=32,32,3 --vocab_size=256 --out=experiments/results/train_step_cifar10.json
+  python -m experiments.benchmark_train_step --config=configs/shapes_t2i.py \
+      --config.model.vae_folder=workdirs/t2i_base/vae/export/step_3000
 """
 
 import functools
 import json
 import os
+import tempfile
 import time
 
 import jax
@@ -21,7 +25,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from ddm_jax.checks import check
 from ddm_jax.training.builders import build_vdm
+from ddm_jax.training.experiment import Experiment
 from ddm_jax.training.optimizer import make_optimizer
 from ddm_jax.training.sharding import make_mesh, replicate, replicated, shard_batch
 from ddm_jax.training.steps import train_steps, vdm_loss_fn
@@ -68,21 +74,32 @@ def matmul_flops_per_second(n: int, dtype: str = "float32", trials: int = 5) -> 
     return 2.0 * n**3 / min(seconds_per_call(matmul, (a, b), repeats=5) for _ in range(trials))
 
 
-def benchmark_train_step(
-    config, batch_size: int, image_shape, vocab_size: int, steps: int, substeps: int = 1, num_devices: int | None = None
-) -> dict:
-    """The trainer's jitted, donated train step (`substeps` per call) on a data mesh."""
+def vdm_step_inputs(config, batch_size: int, image_shape, vocab_size: int, substeps: int, num_devices: int | None):
+    """(mesh, compiled-to-be step, state, batch) of a VDM config on random integer images: no dataset."""
     mesh = make_mesh(num_devices)
     model = build_vdm(config.model, image_shape, vocab_size)
     optimizer = make_optimizer(config.optimizer)
     state = replicate(create_train_state(model.init(jax.random.PRNGKey(0), image_shape), optimizer), mesh)
     images = np.random.default_rng(1).integers(0, vocab_size, (substeps, batch_size, *image_shape))
-    batch = shard_batch({"image": images}, mesh, leading_axes=1)
     step = jax.jit(
         functools.partial(train_steps, vdm_loss_fn(model), optimizer, config.training.ema_decay),
         out_shardings=(replicated(mesh), replicated(mesh)),
         donate_argnums=(0,),
     )
+    return mesh, step, state, shard_batch({"image": images}, mesh, leading_axes=1)
+
+
+def task_step_inputs(config, substeps: int, workdir: str):
+    """(mesh, step, state, batch) of any task (e.g. text-to-image): the trainer's own step and state,
+    on the first batches of the task's input pipeline."""
+    experiment = Experiment(config, workdir)
+    batches = experiment.task.train_batches(0)
+    batch = shard_batch([next(batches) for _ in range(substeps)], experiment.mesh, leading_axes=1)
+    return experiment.mesh, experiment.train_steps, experiment.initial_state(), batch
+
+
+def benchmark_train_step(mesh, step, state, batch, batch_size: int, steps: int, substeps: int = 1) -> dict:
+    """Times the jitted, donated train step (`substeps` per call) after a warm-up; XLA's FLOPs and memory."""
     rng = jax.random.PRNGKey(2)
     compiled = step.lower(state, batch, rng).compile()
     flops = flops_of(compiled) / substeps  # per device: a sharded program counts its own shard
@@ -99,7 +116,6 @@ def benchmark_train_step(
     seconds = (time.perf_counter() - start) / steps
     return {
         "batch_size": batch_size,
-        "image_shape": list(image_shape),
         "substeps": substeps,
         "num_devices": mesh.size,
         "step_seconds": seconds,
@@ -114,18 +130,27 @@ def benchmark_train_step(
 def main(argv):
     del argv
     config = FLAGS.config
-    if FLAGS.image_shape is None or FLAGS.vocab_size is None:
-        # Only here is TFDS needed: with both flags given the benchmark runs where it is not installed.
-        from ddm_jax.data import dataset_spec
-
-        spec = dataset_spec(config.data.dataset, config.data.data_dir)
-    image_shape = tuple(int(s) for s in FLAGS.image_shape) if FLAGS.image_shape else spec.image_shape
-    vocab_size = FLAGS.vocab_size or spec.vocab_size
     batch_size = FLAGS.batch_size or config.training.batch_size
-    result = benchmark_train_step(
-        config, batch_size, image_shape, vocab_size, FLAGS.steps, FLAGS.substeps, FLAGS.num_devices
-    )
-    result["compute_dtype"] = config.model[config.model.network].dtype
+    if config.get("task", "vdm") == "vdm":
+        if FLAGS.image_shape is None or FLAGS.vocab_size is None:
+            # Only here is TFDS needed: with both flags given the benchmark runs where it is not installed.
+            from ddm_jax.data import dataset_spec
+
+            spec = dataset_spec(config.data.dataset, config.data.data_dir)
+        image_shape = tuple(int(s) for s in FLAGS.image_shape) if FLAGS.image_shape else spec.image_shape
+        vocab_size = FLAGS.vocab_size or spec.vocab_size
+        inputs = vdm_step_inputs(config, batch_size, image_shape, vocab_size, FLAGS.substeps, FLAGS.num_devices)
+        compute_dtype = config.model[config.model.network].dtype
+        shape = {"image_shape": list(image_shape)}
+    else:
+        check(FLAGS.num_devices is None, "--num_devices", FLAGS.num_devices, "None: a task runs on every device")
+        config.training.batch_size = batch_size
+        with tempfile.TemporaryDirectory() as workdir:
+            inputs = task_step_inputs(config, FLAGS.substeps, workdir)
+        compute_dtype, shape = "float32", {}
+    result = {**shape, **benchmark_train_step(*inputs, batch_size, FLAGS.steps, FLAGS.substeps)}
+    result["config"] = config_flags.get_config_filename(FLAGS["config"])
+    result["compute_dtype"] = compute_dtype
     result["matmul_flops_per_second"] = matmul_flops_per_second(FLAGS.matmul_size, result["compute_dtype"])
     result["fraction_of_matmul"] = result["flops_per_second"] / result["matmul_flops_per_second"]
     result["device"] = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"

@@ -5,13 +5,15 @@ Stages, each skipped when its output exists (so a killed run continues where it 
   2. the latent text-to-image model (configs/shapes_t2i.py) in WORKDIR/t2i on that frozen VAE,
      exported as a diffusers folder and copied to --base (workdirs/shapes_base by default), the
      folder every later experiment loads like an SD checkpoint;
-  3. the attribute classifier (configs/shapes_classifier.py) in WORKDIR/classifier;
+  3. the attribute classifier (configs/shapes_classifier.py) in WORKDIR/classifier, or the one
+     --classifier names (trained by experiments/train_shapes_classifier.py);
   4. evaluation: one image for each of --num_prompts held-out test captions at every guidance scale
      of --scales (the same initial noise at every scale), scored by the classifier for shape,
      colour, position and count (the stand-in for CLIP score), and the Frechet distance of the
      classifier's features against the train split (the stand-in for FID); a PNG grid per showcase
-     prompt (rows: scales, columns: seeds).
-Writes experiments/results/t2i_base.{md,json} and t2i_base_prompt_*.png.
+     prompt (rows: scales, columns: seeds); kept in WORKDIR/evaluation.json.
+Writes experiments/results/t2i_base.{md,json} and t2i_base_prompt_*.png; reading notes below
+the line "<!-- notes -->" of an existing t2i_base.md are kept.
 
   python -m experiments.t2i_base --workdir=workdirs/t2i_base
 """
@@ -19,6 +21,7 @@ Writes experiments/results/t2i_base.{md,json} and t2i_base_prompt_*.png.
 import json
 import os
 import shutil
+import sys
 import time
 
 import jax
@@ -40,10 +43,12 @@ from ddm_jax.evaluation.shapes_metrics import (
 )
 from ddm_jax.training import trainer
 from ddm_jax.training.experiment import Experiment
+from experiments.reports import kept_notes
 
 flags.DEFINE_string("workdir", "workdirs/t2i_base", "One sub-directory per stage (each resumed or skipped).")
 flags.DEFINE_string("base", "workdirs/shapes_base", "Where the trained base goes, as a diffusers folder.")
 flags.DEFINE_string("results", "experiments/results", "Where t2i_base.{md,json,png} go.")
+flags.DEFINE_string("classifier", None, "A trained attribute classifier (.npz); None: train one in WORKDIR/classifier.")
 flags.DEFINE_list("scales", ["1", "2", "4", "7.5"], "Guidance scales evaluated.")
 flags.DEFINE_integer("num_prompts", 512, "Held-out test captions generated at every scale.")
 flags.DEFINE_integer("num_showcase", 6, "Prompts shown as grids (rows: scales, columns: seeds).")
@@ -52,6 +57,7 @@ flags.DEFINE_string("sampler", "dpm_solver_pp", "Sampler of the evaluation (a ke
 flags.DEFINE_integer("steps", 25, "Its steps.")
 FLAGS = flags.FLAGS
 TIMES = "stage_seconds.json"
+EVALUATION = "evaluation.json"
 
 
 def stage_times() -> dict:
@@ -85,6 +91,8 @@ def export_folder(stage: str, config) -> str:
 
 
 def classifier_stage() -> str:
+    if FLAGS.classifier:
+        return FLAGS.classifier
     path = os.path.join(FLAGS.workdir, "classifier", "classifier.npz")
     if not os.path.isfile(path):
         start = time.time()
@@ -95,7 +103,11 @@ def classifier_stage() -> str:
 
 
 def evaluation_stage(t2i_config, classifier_path: str) -> dict:
-    """Scores and Frechet distances at every guidance scale; showcase grids."""
+    """Scores and Frechet distances at every guidance scale; showcase grids (kept in WORKDIR/EVALUATION)."""
+    path = os.path.join(FLAGS.workdir, EVALUATION)
+    if os.path.isfile(path):
+        with open(path) as file:
+            return json.load(file)
     start = time.time()
     experiment = Experiment(t2i_config, os.path.join(FLAGS.workdir, "t2i"))
     step, state = experiment.restore_latest("evaluate")
@@ -129,7 +141,16 @@ def evaluation_stage(t2i_config, classifier_path: str) -> dict:
         save_png(path, upscale_nearest(image_grid(np.concatenate(grid_rows), ncols=FLAGS.showcase_seeds)))
         showcase.append({"prompt": prompt, "png": os.path.basename(path)})
     record_time("evaluation", time.time() - start)
-    return {"step": step, "rows": rows, "showcase": showcase, "num_prompts": len(prompts)}
+    evaluation = {
+        "step": step,
+        "rows": rows,
+        "showcase": showcase,
+        "num_prompts": len(prompts),
+        "classifier": classifier_path,
+    }
+    with open(path, "w") as file:
+        json.dump(evaluation, file, indent=2)
+    return evaluation
 
 
 def write_report(record: dict) -> None:
@@ -150,6 +171,7 @@ def write_report(record: dict) -> None:
     )
     times = "\n".join(f"| {stage} | {seconds / 60:.1f} |" for stage, seconds in record["stage_seconds"].items())
     vae = record["vae"]
+    notes = kept_notes(f"{stem}.md")
     with open(f"{stem}.md", "w") as file:
         file.write(f"""# A text-to-image base trained here: shapes, Stable Diffusion's layout
 
@@ -163,8 +185,8 @@ VAE (stage 1, {vae["step"]} steps): test PSNR {vae["psnr"]:.2f} +- {vae["psnr_st
 
 Text-to-image model (stage 2, {record["evaluation"]["step"]} steps): one image for each of the first
 {record["evaluation"]["num_prompts"]} test captions at each guidance scale ({FLAGS.sampler}, {FLAGS.steps}
-steps, the same initial noise at every scale), read by the attribute classifier (its test accuracy:
-experiments/results/shapes_classifier.md). Accuracy +- one binomial standard error; Frechet distance
+steps, the same initial noise at every scale), read by the attribute classifier
+`{record["evaluation"]["classifier"]}` (its accuracy on real images: experiments/results/shapes_classifier.md). Accuracy +- one binomial standard error; Frechet distance
 in the classifier's penultimate features against the train split.
 
 | guidance scale | shape | colour | position (one-object prompts) | count | Frechet distance |
@@ -177,7 +199,8 @@ in the classifier's penultimate features against the train split.
 
 Showcase (rows: guidance scales {", ".join(FLAGS.scales)}; columns: seeds):
 {showcase}
-""")
+
+{notes}""")
 
 
 def main(argv):
@@ -193,7 +216,7 @@ def main(argv):
     with open(os.path.join(export_folder("vae", vae_config), "vae", "config.json")) as file:
         scaling_factor = json.load(file)["scaling_factor"]
     record = {
-        "command": f"python -m experiments.t2i_base --workdir={FLAGS.workdir}",
+        "command": " ".join(["python -m experiments.t2i_base", *sys.argv[1:]]),
         "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
         "base": FLAGS.base,
         "decoder_std": vae_config.model.decoder_std,

@@ -29,6 +29,7 @@ from ddm_jax.data import load_split
 from ddm_jax.diffusion import bits_per_dim
 from ddm_jax.training import trainer
 from ddm_jax.training.experiment import Experiment
+from experiments.reports import kept_notes
 
 flags.DEFINE_string("workdir", "workdirs/vdm_ablations", "One sub-directory per run (resumed if present).")
 flags.DEFINE_string("results", "experiments/results", "Where vdm_ablations.{md,json,png} go.")
@@ -81,7 +82,9 @@ def diffusion_estimate_variance(config, workdir: str, num_batches: int, num_draw
             float(
                 np.mean(
                     bits_per_dim(
-                        experiment.task.elbo_terms(state.ema_params, jax.random.PRNGKey(1000 * b + d), images)["diffusion"],
+                        experiment.task.elbo_terms(state.ema_params, jax.random.PRNGKey(1000 * b + d), images)[
+                            "diffusion"
+                        ],
                         num_dims,
                     )
                 )
@@ -188,6 +191,7 @@ def write_report(records: list[dict]) -> None:
     device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
     command_lines = "\n".join(f"    {c}" for c in commands)
     stem = os.path.join(FLAGS.results, "vdm_ablations")
+    notes = kept_notes(f"{stem}.md")
     with open(f"{stem}.json", "w") as f:
         json.dump({"commands": commands, "device": device, "runs": records}, f, indent=2)
     write_plot(f"{stem}.png", records)
@@ -219,7 +223,8 @@ Variance: for {FLAGS.variance_batches} fixed test batches of {VARIANCE_BATCH_SIZ
 {rows}
 
 ![ablations](vdm_ablations.png)
-""")
+
+{notes}""")
 
 
 def main(argv):

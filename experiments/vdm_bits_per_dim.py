@@ -24,22 +24,13 @@ from ml_collections import config_flags
 from ddm_jax.data import dataset_spec, load_split
 from ddm_jax.evaluation.baselines import per_pixel_categorical_bpd
 from ddm_jax.training import trainer
+from experiments.reports import kept_notes
 
 config_flags.DEFINE_config_file("config", "configs/vdm_digits.py", "The VDM config to train.", lock_config=True)
 flags.DEFINE_string("name", "vdm_digits", "Stem of the result files in --results.")
 flags.DEFINE_string("workdir", "workdirs/vdm_digits_experiment", "Training directory (must not exist).")
 flags.DEFINE_string("results", "experiments/results", "Where the .md, .json and .png go.")
 FLAGS = flags.FLAGS
-NOTES = "<!-- notes -->"
-
-
-def kept_notes(path: str) -> str:
-    """The hand-written part of an existing .md: from the NOTES line on, or ''."""
-    if not os.path.isfile(path):
-        return ""
-    with open(path) as file:
-        text = file.read()
-    return text[text.index(NOTES) :] if NOTES in text else ""
 
 
 def main(argv):

@@ -1,9 +1,26 @@
-"""Fixtures shared by several test files (pytest finds them here; no test file imports another)."""
+"""Fixtures shared by several test files (pytest finds them here; no test file imports another),
+and the test session's persistent compilation cache.
+
+JAX's persistent compilation cache is on for the whole session, subprocesses included (they
+inherit the environment): many tests compile the same tiny programs (the trainer's step in
+several files, `python -m ddm_jax.main` in subprocesses), and XLA:CPU compilation is most of the
+suite's time. The cache lives in ~/.cache/ddm_jax/jax_compilation_cache unless
+JAX_COMPILATION_CACHE_DIR names another place.
+"""
+
+import os
 
 import pytest
-import tensorflow_datasets as tfds
 
-import ddm_jax.data  # noqa: F401 - registers the offline builders
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "ddm_jax", "jax_compilation_cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import tensorflow_datasets as tfds  # noqa: E402 - after the environment JAX reads on import
+
+import ddm_jax.data  # noqa: E402, F401 - registers the offline builders
 
 
 @pytest.fixture(scope="session")

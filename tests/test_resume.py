@@ -33,10 +33,12 @@ def test_run_killed_with_sigkill_resumes_bit_identical(digits_data_dir, tmp_path
 
 def test_eval_while_training_then_sigterm_saves_a_checkpoint_before_exit(digits_data_dir, tmp_path):
     """--mode=eval reads a checkpoint of a run that goes on training (read-only: the run is
-    undisturbed), and SIGTERM then makes the run save its current step and return."""
+    undisturbed), and SIGTERM then makes the run save its current step and return, reporting
+    the state it saved (evaluated, but with no sample grid written yet)."""
     workdir = tmp_path / "run"
     # Every checkpoint kept: the tiny run saves several a second, and retention is not what this tests.
-    process = start_training(digits_data_dir, workdir, 100_000, 10, flags=["--config.training.keep_checkpoints=100000"])
+    flags = ["--config.training.keep_checkpoints=100000", "--config.training.eval_every=10"]
+    process = start_training(digits_data_dir, workdir, 100_000, 10, flags=flags)
     wait_for_checkpoint(workdir, 10, process)
     evaluation = trainer.evaluate(tiny_config(digits_data_dir, num_steps=100_000, checkpoint_every=10), str(workdir))
     assert evaluation["step"] >= 10 and evaluation["num_examples"] == 360 and np.isfinite(evaluation["bpd"])
@@ -45,6 +47,7 @@ def test_eval_while_training_then_sigterm_saves_a_checkpoint_before_exit(digits_
     output = output_of(process)
     assert process.returncode == 0, output[-3000:]
     assert "SIGTERM: saved step" in output
+    assert "test bits/dim" in output and "samples: " in output, output[-3000:]
     saved = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
     assert saved[-1] > 10  # a step saved on SIGTERM, after the first periodic one
 

@@ -135,8 +135,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             store.save(step, state, force=True)
             logging.warning("SIGTERM: saved step %d in %s and stopped", step, store.directory)
         store.wait_until_finished()
-        if evaluation is None:  # preempted, or nothing left to train: report the state as it is
+        # Preempted, or nothing left to train: report the state as it is.
+        if evaluation is None:
             evaluation = experiment.task.evaluate(state.ema_params)
+        if samples is None:
             samples = write_samples(step, state.ema_params)
         writer.flush()
         exports = {} if preempted.is_set() else experiment.export(state, step)
