@@ -33,8 +33,10 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# Two workers, one test file each at a time: XLA:CPU compilation, most of the suite's time, is
+# single-threaded, so two files at once use both cores; tests/conftest.py shares compiled programs.
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20 tests
 
 clean:
 	rm -rf $(VENV) *.egg-info

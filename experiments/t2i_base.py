@@ -32,6 +32,7 @@ from configs import shapes_classifier, shapes_t2i, shapes_vae
 from ddm_jax.data import load_split
 from ddm_jax.evaluation import frechet
 from ddm_jax.evaluation.classifier import save_classifier
+from ddm_jax.evaluation.generate import images_to_uint8
 from ddm_jax.evaluation.images import image_grid, save_png, upscale_nearest
 from ddm_jax.evaluation.shapes_metrics import (
     feature_statistics,
@@ -102,6 +103,26 @@ def classifier_stage() -> str:
     return path
 
 
+def ceilings(task, classifier, num_examples: int) -> dict:
+    """The scores a perfect sampler would get: the classifier's on the first num_examples test images
+    against their own captions, and on their reconstructions through the frozen VAE (posterior mean,
+    decoded), which bound what any latent model of this VAE can show."""
+    test = load_shapes(task.config.data.eval_split, task.config.data.dataset, task.config.data.data_dir)
+    images, captions = test["image"][:num_examples], test["caption"][:num_examples]
+    reconstruct = jax.jit(lambda vae, x: task.model.decode_latents(vae, task.model.encode_images(vae, x)))
+    batch = task.config.eval.batch_size
+    reconstructions = np.concatenate(
+        [
+            images_to_uint8(np.asarray(reconstruct(task.vae_params, images[i : i + batch] / 127.5 - 1.0)))
+            for i in range(0, len(images), batch)
+        ]
+    )
+    return {
+        "test_images": summary(score_images(classifier, images, captions)),
+        "vae_reconstructions": summary(score_images(classifier, reconstructions, captions)),
+    }
+
+
 def evaluation_stage(t2i_config, classifier_path: str) -> dict:
     """Scores and Frechet distances at every guidance scale; showcase grids (kept in WORKDIR/EVALUATION)."""
     path = os.path.join(FLAGS.workdir, EVALUATION)
@@ -147,6 +168,7 @@ def evaluation_stage(t2i_config, classifier_path: str) -> dict:
         "showcase": showcase,
         "num_prompts": len(prompts),
         "classifier": classifier_path,
+        "ceilings": ceilings(task, classifier, len(prompts)),
     }
     with open(path, "w") as file:
         json.dump(evaluation, file, indent=2)
@@ -165,6 +187,12 @@ def write_report(record: dict) -> None:
         )
         + f" | {row['frechet_distance']:.2f} |"
         for row in record["evaluation"]["rows"]
+    )
+    ceiling_rows = "\n".join(
+        f"| {name.replace('_', ' ')} | "
+        + " | ".join(f"{scores[head]['accuracy']:.3f} +- {scores[head]['standard_error']:.3f}" for head, _ in heads)
+        + " | |"
+        for name, scores in record["evaluation"]["ceilings"].items()
     )
     showcase = "\n".join(
         f'- "{item["prompt"]}": ![prompt {i}]({item["png"]})' for i, item in enumerate(record["evaluation"]["showcase"])
@@ -192,6 +220,14 @@ in the classifier's penultimate features against the train split.
 | guidance scale | shape | colour | position (one-object prompts) | count | Frechet distance |
 |---|---|---|---|---|---|
 {table}
+
+The same first {record["evaluation"]["num_prompts"]} test examples, scored against their own captions: what
+a perfect sampler would reach with a perfect decoder (test images), and with this VAE
+(reconstructions from the posterior mean):
+
+| images | shape | colour | position | count | |
+|---|---|---|---|---|---|
+{ceiling_rows}
 
 | stage | wall minutes |
 |---|---|

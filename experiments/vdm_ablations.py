@@ -197,7 +197,7 @@ def write_report(records: list[dict]) -> None:
     write_plot(f"{stem}.png", records)
     groups = {name: group for name, group, _ in ABLATIONS}
     rows = "\n".join(
-        f"| {r['steps']} | {groups[r['name']]} | {r['name']} | `{' '.join(f'--config.{k}={v}' for k, v in r['overrides'].items()) or '(default)'}` "
+        f"| {r['steps']} | {groups[r['name']]} | {r['name']}{' (a)' if r.get('provenance') else ''} | `{' '.join(f'--config.{k}={v}' for k, v in r['overrides'].items()) or '(default)'}` "
         f"| {r['test_bpd']:.3f} +- {r['test_bpd_stderr']:.3f} | {r['diffusion_bpd']:.3f} "
         f"| {r['diffusion_estimate_variance']:.2e} +- {r['diffusion_estimate_variance_stderr']:.1e} "
         f"| {r['train_seconds'] / 60:.1f} |"
@@ -217,6 +217,8 @@ samples each (+- is one standard error over examples).
 Variance: for {FLAGS.variance_batches} fixed test batches of {VARIANCE_BATCH_SIZE}, the variance over
 {FLAGS.variance_draws} draws of (t, eps) (antithetic t) of the batch's mean diffusion term, in
 (bits/dim)^2, averaged over batches (+- one standard error over batches).
+
+Runs marked (a) were not rerun by this code: their record carries its "provenance".
 
 | steps | group | run | overrides | test bits/dim | diffusion bits/dim | variance of a batch's diffusion loss | train min |
 |---|---|---|---|---|---|---|---|
