@@ -32,6 +32,7 @@ from ddm_jax.training.optimizer import make_optimizer
 from ddm_jax.training.sharding import make_mesh, replicate, replicated, shard_batch
 from ddm_jax.training.steps import train_steps, vdm_loss_fn
 from ddm_jax.training.train_state import create_train_state
+from ddm_jax.training.trainer import next_substeps
 
 config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 flags.DEFINE_integer("batch_size", None, "Batch size (default: the config's).")
@@ -94,7 +95,7 @@ def task_step_inputs(config, substeps: int, workdir: str):
     on the first batches of the task's input pipeline."""
     experiment = Experiment(config, workdir)
     batches = experiment.task.train_batches(0)
-    batch = shard_batch([next(batches) for _ in range(substeps)], experiment.mesh, leading_axes=1)
+    batch = shard_batch(next_substeps(batches, substeps), experiment.mesh, leading_axes=1)
     return experiment.mesh, experiment.train_steps, experiment.initial_state(), batch
 
 

@@ -105,10 +105,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
         step = start
         while step < training.num_steps and not preempted.is_set():
-            local = [next(batches) for _ in range(training.substeps)]
-            local = {key: np.stack([b[key] for b in local]) for key in local[0]}
             state, metrics = experiment.train_steps(
-                state, shard_batch(local, experiment.mesh, leading_axes=1), train_rng
+                state,
+                shard_batch(next_substeps(batches, training.substeps), experiment.mesh, leading_axes=1),
+                train_rng,
             )
             history.append((step + 1, metrics))
             step += training.substeps
@@ -154,6 +154,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "samples": samples["png"],
             "note": note,
         }
+
+
+def next_substeps(batches, substeps: int) -> dict:
+    """The next `substeps` batches of an iterator of {key: [B, ...]}, stacked: {key: [substeps, B, ...]}."""
+    local = [next(batches) for _ in range(substeps)]
+    return {key: np.stack([batch[key] for batch in local]) for key in local[0]}
 
 
 @contextlib.contextmanager
