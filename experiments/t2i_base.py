@@ -11,13 +11,18 @@ Stages, each skipped when its output exists (so a killed run continues where it 
      of --scales (the same initial noise at every scale), scored by the classifier for shape,
      colour, position and count (the stand-in for CLIP score), and the Frechet distance of the
      classifier's features against the train split (the stand-in for FID); a PNG grid per showcase
-     prompt (rows: scales, columns: seeds); kept in WORKDIR/evaluation.json.
+     prompt (rows: scales, columns: seeds); kept in WORKDIR/evaluation.json;
+  5. the text encoder's choice: two runs of --text_encoder_steps steps in WORKDIR/text_encoder_joint
+     and WORKDIR/text_encoder_frozen (trained jointly from scratch, or kept at its random
+     initialisation; nothing else differs), scored as in 4, with paired differences; kept in
+     WORKDIR/text_encoder.json.
 Writes experiments/results/t2i_base.{md,json} and t2i_base_prompt_*.png; reading notes below
 the line "<!-- notes -->" of an existing t2i_base.md are kept.
 
   python -m experiments.t2i_base --workdir=workdirs/t2i_base
 """
 
+import copy
 import json
 import os
 import shutil
@@ -29,7 +34,7 @@ import numpy as np
 from absl import app, flags
 
 from configs import shapes_classifier, shapes_t2i, shapes_vae
-from ddm_jax.data import load_split
+from ddm_jax.data import dataset_spec, load_split
 from ddm_jax.evaluation import frechet
 from ddm_jax.evaluation.classifier import save_classifier
 from ddm_jax.evaluation.generate import images_to_uint8
@@ -56,9 +61,13 @@ flags.DEFINE_integer("num_showcase", 6, "Prompts shown as grids (rows: scales, c
 flags.DEFINE_integer("showcase_seeds", 6, "Images per scale in a showcase grid.")
 flags.DEFINE_string("sampler", "dpm_solver_pp", "Sampler of the evaluation (a key of diffusion.SAMPLERS).")
 flags.DEFINE_integer("steps", 25, "Its steps.")
+flags.DEFINE_integer(
+    "text_encoder_steps", 0, "Steps of each of the two runs comparing a joint and a frozen text encoder (0: none)."
+)
 FLAGS = flags.FLAGS
 TIMES = "stage_seconds.json"
 EVALUATION = "evaluation.json"
+TEXT_ENCODER = "text_encoder.json"
 
 
 def stage_times() -> dict:
@@ -123,75 +132,170 @@ def ceilings(task, classifier, num_examples: int) -> dict:
     }
 
 
-def evaluation_stage(t2i_config, classifier_path: str) -> dict:
-    """Scores and Frechet distances at every guidance scale; showcase grids (kept in WORKDIR/EVALUATION)."""
-    path = os.path.join(FLAGS.workdir, EVALUATION)
-    if os.path.isfile(path):
-        with open(path) as file:
-            return json.load(file)
-    start = time.time()
-    experiment = Experiment(t2i_config, os.path.join(FLAGS.workdir, "t2i"))
-    step, state = experiment.restore_latest("evaluate")
-    task, params = experiment.task, state.ema_params
-    classifier = load_shapes_classifier(classifier_path, image_size=32)
-    captions = load_split(task.spec, t2i_config.data.eval_split, t2i_config.data.data_dir, text_features=("caption",))
-    prompts = list(captions["caption"][: FLAGS.num_prompts])
-    reference = feature_statistics(classifier, load_shapes("train")["image"])
-    rows = []
+def scores_at_scales(task, params, prompts, classifier, reference) -> tuple[list[dict], dict]:
+    """One image per prompt at every guidance scale of --scales (the same initial noise at each):
+    rows of classifier scores and Frechet distance against `reference` (mean, covariance), and
+    {scale: {head: per-prompt correctness}} for paired comparisons."""
+    rows, correct = [], {}
     for scale in (float(s) for s in FLAGS.scales):
         images = task.generate(
             params, prompts, jax.random.PRNGKey(0), guidance_scale=scale, sampler=FLAGS.sampler, steps=FLAGS.steps
         )
-        scores = summary(score_images(classifier, images, prompts))
+        scores = score_images(classifier, images, prompts)
         distance = frechet.frechet_distance(*feature_statistics(classifier, images), *reference)
-        rows.append({"guidance_scale": scale, "scores": scores, "frechet_distance": distance})
-    showcase = []
-    for index, prompt in enumerate(prompts[: FLAGS.num_showcase]):
-        grid_rows = [
-            task.generate(
-                params,
-                [prompt] * FLAGS.showcase_seeds,
-                jax.random.PRNGKey(100 + index),
-                guidance_scale=float(scale),
-                sampler=FLAGS.sampler,
-                steps=FLAGS.steps,
-            )
-            for scale in FLAGS.scales
-        ]
-        path = os.path.join(FLAGS.results, f"t2i_base_prompt_{index}.png")
-        save_png(path, upscale_nearest(image_grid(np.concatenate(grid_rows), ncols=FLAGS.showcase_seeds)))
-        showcase.append({"prompt": prompt, "png": os.path.basename(path)})
-    record_time("evaluation", time.time() - start)
-    evaluation = {
-        "step": step,
-        "rows": rows,
-        "showcase": showcase,
-        "num_prompts": len(prompts),
-        "classifier": classifier_path,
-        "ceilings": ceilings(task, classifier, len(prompts)),
-    }
+        rows.append({"guidance_scale": scale, "scores": summary(scores), "frechet_distance": distance})
+        correct[scale] = {head: (score.correct, score.scored) for head, score in scores.items()}
+    return rows, correct
+
+
+def judge(classifier_path: str, t2i_config):
+    """The attribute classifier, its train-split feature statistics, and the first --num_prompts
+    test captions."""
+    classifier = load_shapes_classifier(classifier_path, image_size=32)
+    reference = feature_statistics(classifier, load_shapes("train")["image"])
+    data = t2i_config.data
+    captions = load_split(dataset_spec(data.dataset), data.eval_split, data.data_dir, text_features=("caption",))
+    return classifier, reference, list(captions["caption"][: FLAGS.num_prompts])
+
+
+def cached(name: str, compute) -> dict:
+    """The JSON WORKDIR/name, computed when missing."""
+    path = os.path.join(FLAGS.workdir, name)
+    if os.path.isfile(path):
+        with open(path) as file:
+            return json.load(file)
+    result = compute()
     with open(path, "w") as file:
-        json.dump(evaluation, file, indent=2)
-    return evaluation
+        json.dump(result, file, indent=2)
+    return result
+
+
+def evaluation_stage(t2i_config, classifier_path: str) -> dict:
+    """Scores and Frechet distances at every guidance scale; showcase grids (kept in WORKDIR/EVALUATION)."""
+
+    def evaluate():
+        start = time.time()
+        experiment = Experiment(t2i_config, os.path.join(FLAGS.workdir, "t2i"))
+        step, state = experiment.restore_latest("evaluate")
+        task, params = experiment.task, state.ema_params
+        classifier, reference, prompts = judge(classifier_path, t2i_config)
+        rows, _ = scores_at_scales(task, params, prompts, classifier, reference)
+        showcase = []
+        for index, prompt in enumerate(prompts[: FLAGS.num_showcase]):
+            grid_rows = [
+                task.generate(
+                    params,
+                    [prompt] * FLAGS.showcase_seeds,
+                    jax.random.PRNGKey(100 + index),
+                    guidance_scale=float(scale),
+                    sampler=FLAGS.sampler,
+                    steps=FLAGS.steps,
+                )
+                for scale in FLAGS.scales
+            ]
+            path = os.path.join(FLAGS.results, f"t2i_base_prompt_{index}.png")
+            save_png(path, upscale_nearest(image_grid(np.concatenate(grid_rows), ncols=FLAGS.showcase_seeds)))
+            showcase.append({"prompt": prompt, "png": os.path.basename(path)})
+        record_time("evaluation", time.time() - start)
+        return {
+            "step": step,
+            "rows": rows,
+            "showcase": showcase,
+            "num_prompts": len(prompts),
+            "classifier": classifier_path,
+            "ceilings": ceilings(task, classifier, len(prompts)),
+        }
+
+    return cached(EVALUATION, evaluate)
+
+
+def paired_difference(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> dict:
+    """Accuracy of a minus that of b over the prompts both score, +- the standard error of the mean
+    of the per-prompt differences (the same prompts and initial noise: a paired comparison)."""
+    (correct_a, scored), (correct_b, _) = a, b
+    differences = correct_a[scored].astype(float) - correct_b[scored].astype(float)
+    return {
+        "difference": float(differences.mean()),
+        "standard_error": float(differences.std(ddof=1) / np.sqrt(len(differences))),
+    }
+
+
+def text_encoder_stage(t2i_config, classifier_path: str) -> dict:
+    """The text encoder trained jointly from scratch against kept at its random initialisation: two
+    runs of --text_encoder_steps steps, alike in everything else, scored as the evaluation stage
+    (kept in WORKDIR/TEXT_ENCODER)."""
+
+    def compare():
+        classifier, reference, prompts = judge(classifier_path, t2i_config)
+        runs, correct = {}, {}
+        for name, train_text_encoder in (("joint", True), ("frozen", False)):
+            config = copy.deepcopy(t2i_config)
+            config.model.train_text_encoder = train_text_encoder
+            steps = FLAGS.text_encoder_steps
+            config.optimizer.decay_steps = steps
+            config.training.update(num_steps=steps, eval_every=steps, sample_every=steps)
+            stage = f"text_encoder_{name}"
+            train_stage(stage, config)
+            experiment = Experiment(config, os.path.join(FLAGS.workdir, stage))
+            step, state = experiment.restore_latest("evaluate")
+            rows, correct[name] = scores_at_scales(experiment.task, state.ema_params, prompts, classifier, reference)
+            runs[name] = {"step": step, "rows": rows}
+        differences = {
+            scale: {head: paired_difference(per_head[head], correct["frozen"][scale][head]) for head in per_head}
+            for scale, per_head in correct["joint"].items()
+        }
+        return {"runs": runs, "joint_minus_frozen": {str(scale): value for scale, value in differences.items()}}
+
+    return cached(TEXT_ENCODER, compare)
+
+
+HEADS_SHOWN = (("shapes", "shape"), ("colors", "colour"), ("position", "position"), ("num_objects", "count"))
+
+
+def accuracy_cells(scores: dict) -> str:
+    return " | ".join(
+        f"{scores[head]['accuracy']:.3f} +- {scores[head]['standard_error']:.3f}" for head, _ in HEADS_SHOWN
+    )
+
+
+def scale_rows(rows: list[dict], prefix: str = "") -> str:
+    return "\n".join(
+        f"| {prefix}{row['guidance_scale']:g} | {accuracy_cells(row['scores'])} | {row['frechet_distance']:.2f} |"
+        for row in rows
+    )
+
+
+def text_encoder_section(comparison: dict | None) -> str:
+    if comparison is None:
+        return ""
+    runs = comparison["runs"]
+    rows = "\n".join(scale_rows(run["rows"], f"{name} | ") for name, run in runs.items())
+    differences = "\n".join(
+        f"| joint - frozen | {float(scale):g} | "
+        + " | ".join(f"{d[head]['difference']:+.3f} +- {d[head]['standard_error']:.3f}" for head, _ in HEADS_SHOWN)
+        + " | |"
+        for scale, d in comparison["joint_minus_frozen"].items()
+    )
+    return f"""
+Text encoder trained jointly from scratch (`model.train_text_encoder=True`) against kept at its
+random initialisation (`False`): two runs of {runs["joint"]["step"]} steps each, alike in everything
+else (the cosine schedule ends at that step), scored as above on the same prompts with the same
+noise; differences are paired per prompt, +- the standard error of their mean.
+
+| text encoder | guidance scale | shape | colour | position | count | Frechet distance |
+|---|---|---|---|---|---|---|
+{rows}
+{differences}
+"""
 
 
 def write_report(record: dict) -> None:
     stem = os.path.join(FLAGS.results, "t2i_base")
     with open(f"{stem}.json", "w") as file:
         json.dump(record, file, indent=2)
-    heads = (("shapes", "shape"), ("colors", "colour"), ("position", "position"), ("num_objects", "count"))
-    table = "\n".join(
-        f"| {row['guidance_scale']:g} | "
-        + " | ".join(
-            f"{row['scores'][head]['accuracy']:.3f} +- {row['scores'][head]['standard_error']:.3f}" for head, _ in heads
-        )
-        + f" | {row['frechet_distance']:.2f} |"
-        for row in record["evaluation"]["rows"]
-    )
+    table = scale_rows(record["evaluation"]["rows"])
     ceiling_rows = "\n".join(
-        f"| {name.replace('_', ' ')} | "
-        + " | ".join(f"{scores[head]['accuracy']:.3f} +- {scores[head]['standard_error']:.3f}" for head, _ in heads)
-        + " | |"
+        f"| {name.replace('_', ' ')} | {accuracy_cells(scores)} | |"
         for name, scores in record["evaluation"]["ceilings"].items()
     )
     showcase = "\n".join(
@@ -228,7 +332,7 @@ a perfect sampler would reach with a perfect decoder (test images), and with thi
 | images | shape | colour | position | count | |
 |---|---|---|---|---|---|
 {ceiling_rows}
-
+{text_encoder_section(record["text_encoder"])}
 | stage | wall minutes |
 |---|---|
 {times}
@@ -248,7 +352,9 @@ def main(argv):
     t2i = train_stage("t2i", t2i_config)
     if not os.path.exists(FLAGS.base):
         shutil.copytree(export_folder("t2i", t2i_config), FLAGS.base)
-    evaluation = evaluation_stage(t2i_config, classifier_stage())
+    classifier = classifier_stage()
+    evaluation = evaluation_stage(t2i_config, classifier)
+    comparison = text_encoder_stage(t2i_config, classifier) if FLAGS.text_encoder_steps else None
     with open(os.path.join(export_folder("vae", vae_config), "vae", "config.json")) as file:
         scaling_factor = json.load(file)["scaling_factor"]
     record = {
@@ -259,6 +365,7 @@ def main(argv):
         "vae": {**{k: v for k, v in vae.items() if isinstance(v, (int, float))}, "scaling_factor": scaling_factor},
         "t2i": {k: v for k, v in t2i.items() if isinstance(v, (int, float))},
         "evaluation": evaluation,
+        "text_encoder": comparison,
         "stage_seconds": stage_times(),
     }
     write_report(record)
