@@ -12,10 +12,10 @@ Stages, each skipped when its output exists (so a killed run continues where it 
      colour, position and count (the stand-in for CLIP score), and the Frechet distance of the
      classifier's features against the train split (the stand-in for FID); a PNG grid per showcase
      prompt (rows: scales, columns: seeds); kept in WORKDIR/evaluation.json;
-  5. the text encoder's choice: two runs of --text_encoder_steps steps in WORKDIR/text_encoder_joint
-     and WORKDIR/text_encoder_frozen (trained jointly from scratch, or kept at its random
-     initialisation; nothing else differs), scored as in 4, with paired differences; kept in
-     WORKDIR/text_encoder.json.
+  5. variants (--variants, names of VARIANTS): the t2i stage again with one choice changed (the
+     text encoder kept at its random initialisation instead of trained jointly; Min-SNR-5 instead
+     of L_simple), each for the full budget in WORKDIR/<name>, scored as in 4 with paired
+     per-prompt differences against the recipe's model; kept in WORKDIR/variant_<name>.json.
 Writes experiments/results/t2i_base.{md,json} and t2i_base_prompt_*.png; reading notes below
 the line "<!-- notes -->" of an existing t2i_base.md are kept.
 
@@ -23,6 +23,7 @@ the line "<!-- notes -->" of an existing t2i_base.md are kept.
 """
 
 import copy
+import functools
 import json
 import os
 import shutil
@@ -30,11 +31,15 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 from configs import shapes_classifier, shapes_t2i, shapes_vae
+from ddm_jax.checks import check_choice
 from ddm_jax.data import dataset_spec, load_split
+from ddm_jax.data.shapes import COLORS, SINGLE_TEMPLATES, VOCABULARIES, ObjectLabels, object_phrase
+from ddm_jax.diffusion import q_sample
 from ddm_jax.evaluation import frechet
 from ddm_jax.evaluation.classifier import save_classifier
 from ddm_jax.evaluation.generate import images_to_uint8
@@ -61,13 +66,10 @@ flags.DEFINE_integer("num_showcase", 6, "Prompts shown as grids (rows: scales, c
 flags.DEFINE_integer("showcase_seeds", 6, "Images per scale in a showcase grid.")
 flags.DEFINE_string("sampler", "dpm_solver_pp", "Sampler of the evaluation (a key of diffusion.SAMPLERS).")
 flags.DEFINE_integer("steps", 25, "Its steps.")
-flags.DEFINE_integer(
-    "text_encoder_steps", 0, "Steps of each of the two runs comparing a joint and a frozen text encoder (0: none)."
-)
+flags.DEFINE_list("variants", [], "Alternatives to the recipe trained and compared with it (names of VARIANTS).")
 FLAGS = flags.FLAGS
 TIMES = "stage_seconds.json"
 EVALUATION = "evaluation.json"
-TEXT_ENCODER = "text_encoder.json"
 
 
 def stage_times() -> dict:
@@ -170,14 +172,19 @@ def cached(name: str, compute) -> dict:
     return result
 
 
+def restored(config, stage: str):
+    """(step, task, EMA parameters) of the latest checkpoint in WORKDIR/stage."""
+    experiment = Experiment(config, os.path.join(FLAGS.workdir, stage))
+    step, state = experiment.restore_latest("evaluate")
+    return step, experiment.task, state.ema_params
+
+
 def evaluation_stage(t2i_config, classifier_path: str) -> dict:
     """Scores and Frechet distances at every guidance scale; showcase grids (kept in WORKDIR/EVALUATION)."""
 
     def evaluate():
         start = time.time()
-        experiment = Experiment(t2i_config, os.path.join(FLAGS.workdir, "t2i"))
-        step, state = experiment.restore_latest("evaluate")
-        task, params = experiment.task, state.ema_params
+        step, task, params = restored(t2i_config, "t2i")
         classifier, reference, prompts = judge(classifier_path, t2i_config)
         rows, _ = scores_at_scales(task, params, prompts, classifier, reference)
         showcase = []
@@ -220,33 +227,115 @@ def paired_difference(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.
     }
 
 
-def text_encoder_stage(t2i_config, classifier_path: str) -> dict:
-    """The text encoder trained jointly from scratch against kept at its random initialisation: two
-    runs of --text_encoder_steps steps, alike in everything else, scored as the evaluation stage
-    (kept in WORKDIR/TEXT_ENCODER)."""
+# Alternatives to the recipe's choices: config overrides, each trained as the t2i stage is.
+VARIANTS = {
+    "text_encoder_frozen": {"model.train_text_encoder": False},  # the text encoder kept at its random init
+    "min_snr": {"model.weighting": "min_snr"},  # Min-SNR-5 instead of L_simple
+}
 
-    def compare():
+
+def variant_config(t2i_config, name: str):
+    config = copy.deepcopy(t2i_config)
+    for field, value in VARIANTS[name].items():
+        section, key = field.split(".")
+        config[section][key] = value
+    return config
+
+
+def variants_stage(t2i_config, classifier_path: str) -> dict:
+    """Each variant of --variants trained in WORKDIR/<name> for the recipe's full budget, alike in
+    everything but its overrides, scored as the evaluation stage on the same prompts with the same
+    noise, with per-prompt paired differences against the recipe's model (each kept in
+    WORKDIR/variant_<name>.json)."""
+
+    @functools.cache
+    def judged_base():
         classifier, reference, prompts = judge(classifier_path, t2i_config)
-        runs, correct = {}, {}
-        for name, train_text_encoder in (("joint", True), ("frozen", False)):
-            config = copy.deepcopy(t2i_config)
-            config.model.train_text_encoder = train_text_encoder
-            steps = FLAGS.text_encoder_steps
-            config.optimizer.decay_steps = steps
-            config.training.update(num_steps=steps, eval_every=steps, sample_every=steps)
-            stage = f"text_encoder_{name}"
-            train_stage(stage, config)
-            experiment = Experiment(config, os.path.join(FLAGS.workdir, stage))
-            step, state = experiment.restore_latest("evaluate")
-            rows, correct[name] = scores_at_scales(experiment.task, state.ema_params, prompts, classifier, reference)
-            runs[name] = {"step": step, "rows": rows}
-        differences = {
-            scale: {head: paired_difference(per_head[head], correct["frozen"][scale][head]) for head in per_head}
-            for scale, per_head in correct["joint"].items()
-        }
-        return {"runs": runs, "joint_minus_frozen": {str(scale): value for scale, value in differences.items()}}
+        _, task, params = restored(t2i_config, "t2i")
+        _, correct = scores_at_scales(task, params, prompts, classifier, reference)
+        return classifier, reference, prompts, correct
 
-    return cached(TEXT_ENCODER, compare)
+    def compare(name: str) -> dict:
+        classifier, reference, prompts, base_correct = judged_base()
+        config = variant_config(t2i_config, name)
+        train_stage(name, config)
+        step, task, params = restored(config, name)
+        rows, correct = scores_at_scales(task, params, prompts, classifier, reference)
+        differences = {
+            str(scale): {head: paired_difference(per_head[head], base_correct[scale][head]) for head in per_head}
+            for scale, per_head in correct.items()
+        }
+        return {"overrides": VARIANTS[name], "step": step, "rows": rows, "minus_base": differences}
+
+    return {name: cached(f"variant_{name}.json", functools.partial(compare, name)) for name in FLAGS.variants}
+
+
+SENSITIVITY_ATTRIBUTES = ("shape", "color", "size", "position", "texture", "background")
+SENSITIVITY_TIMESTEPS = (900, 500, 100)  # SD's n: mostly noise, half-way, mostly signal
+
+
+def swapped_captions(attribute: str, rng: np.random.Generator) -> tuple[str, str]:
+    """Two one-object captions "{object}, on a {background} background" of random labels that
+    differ in `attribute` (a field of ObjectLabels, or "background") alone."""
+    vocabularies = {**VOCABULARIES._asdict(), "background": COLORS}
+    labels = {field: str(rng.choice(vocabulary)) for field, vocabulary in vocabularies.items()}
+    others = [value for value in vocabularies[attribute] if value != labels[attribute]]
+    swapped = {**labels, attribute: str(rng.choice(others))}
+    return tuple(
+        SINGLE_TEMPLATES[1].format(
+            object_phrase(ObjectLabels(**{field: chosen[field] for field in ObjectLabels._fields})),
+            background=chosen["background"],
+        )
+        for chosen in (labels, swapped)
+    )
+
+
+def prompt_sensitivity(task, params, num_pairs: int = 32) -> dict:
+    """How much the prompt's words move the model: the RMS change of its clean-latent prediction
+    x0_hat = (z - sigma eps_hat) / alpha when one attribute's word changes (`swapped_captions`), at
+    z_n = alpha_n x + sigma_n eps of the first num_pairs held-out latents x (scaled: RMS about 1),
+    the same eps for both captions; {attribute: {n: RMS}} for n in SENSITIVITY_TIMESTEPS."""
+    model = task.model
+    predict = jax.jit(
+        lambda params, z, gamma, tokens: model.predict(
+            params["unet"], z, gamma, model.encode_prompts(params["text_encoder"], tokens)
+        )
+    )
+    x = model.vae.scaling_factor * jnp.asarray(task.held_out["latent_mean"][:num_pairs])
+    eps = jax.random.normal(jax.random.PRNGKey(0), x.shape)
+    rng = np.random.default_rng(0)
+    result = {}
+    for attribute in SENSITIVITY_ATTRIBUTES:
+        pairs = [swapped_captions(attribute, rng) for _ in range(len(x))]
+        tokens = [jnp.asarray(model.tokenize([pair[k] for pair in pairs])) for k in (0, 1)]
+        result[attribute] = {}
+        for n in SENSITIVITY_TIMESTEPS:
+            gamma = model.gamma_fn(jnp.full((len(x),), n / (model.schedule.num_betas - 1)))
+            z = q_sample(x, gamma, eps)
+            first, second = (predict(params, z, gamma, tokens[k]) for k in (0, 1))
+            x0_change = jnp.exp(0.5 * gamma)[:, None, None, None] * (first - second)  # sigma / alpha
+            result[attribute][n] = float(jnp.sqrt(jnp.mean(jnp.square(x0_change))))
+    return result
+
+
+def sensitivity_section(sensitivities: dict) -> str:
+    header = " | ".join(f"n = {n}" for n in SENSITIVITY_TIMESTEPS)
+    rows = "\n".join(
+        f"| {name} | {attribute} | " + " | ".join(f"{values[n]:.4f}" for n in SENSITIVITY_TIMESTEPS) + " |"
+        for name, by_attribute in sensitivities.items()
+        for attribute, values in by_attribute.items()
+    )
+    return f"""
+Prompt sensitivity (`prompt_sensitivity`): the RMS change of the predicted clean latent
+x0_hat = (z - sigma eps_hat) / alpha (the scaled latents have RMS about 1) when one word of a
+one-object prompt "a {{size}} {{colour}} {{shape}}{{texture}} {{position}}, on a {{background}}
+background" changes, at SD's timestep n, on 32 held-out latents noised with the same eps. A word
+the model does not use moves nothing.
+
+| model | changed word | {header} |
+|---|---|{"---|" * len(SENSITIVITY_TIMESTEPS)}
+{rows}
+"""
 
 
 HEADS_SHOWN = (("shapes", "shape"), ("colors", "colour"), ("position", "position"), ("num_objects", "count"))
@@ -265,24 +354,27 @@ def scale_rows(rows: list[dict], prefix: str = "") -> str:
     )
 
 
-def text_encoder_section(comparison: dict | None) -> str:
-    if comparison is None:
+def variants_section(variants: dict) -> str:
+    if not variants:
         return ""
-    runs = comparison["runs"]
-    rows = "\n".join(scale_rows(run["rows"], f"{name} | ") for name, run in runs.items())
+    rows = "\n".join(scale_rows(variant["rows"], f"{name} | ") for name, variant in variants.items())
     differences = "\n".join(
-        f"| joint - frozen | {float(scale):g} | "
+        f"| {name} - recipe | {float(scale):g} | "
         + " | ".join(f"{d[head]['difference']:+.3f} +- {d[head]['standard_error']:.3f}" for head, _ in HEADS_SHOWN)
         + " | |"
-        for scale, d in comparison["joint_minus_frozen"].items()
+        for name, variant in variants.items()
+        for scale, d in variant["minus_base"].items()
+    )
+    overrides = "; ".join(
+        f"{name}: " + ", ".join(f"`{field}={value!r}`" for field, value in variant["overrides"].items())
+        for name, variant in variants.items()
     )
     return f"""
-Text encoder trained jointly from scratch (`model.train_text_encoder=True`) against kept at its
-random initialisation (`False`): two runs of {runs["joint"]["step"]} steps each, alike in everything
-else (the cosine schedule ends at that step), scored as above on the same prompts with the same
-noise; differences are paired per prompt, +- the standard error of their mean.
+Variants: the latent model trained again for the same budget with one choice changed ({overrides}),
+everything else alike, scored as above on the same prompts with the same noise; the differences
+from the recipe's model are paired per prompt, +- the standard error of their mean.
 
-| text encoder | guidance scale | shape | colour | position | count | Frechet distance |
+| variant | guidance scale | shape | colour | position | count | Frechet distance |
 |---|---|---|---|---|---|---|
 {rows}
 {differences}
@@ -332,7 +424,7 @@ a perfect sampler would reach with a perfect decoder (test images), and with thi
 | images | shape | colour | position | count | |
 |---|---|---|---|---|---|
 {ceiling_rows}
-{text_encoder_section(record["text_encoder"])}
+{variants_section(record["variants"])}{sensitivity_section(record["prompt_sensitivity"])}
 | stage | wall minutes |
 |---|---|
 {times}
@@ -345,6 +437,8 @@ Showcase (rows: guidance scales {", ".join(FLAGS.scales)}; columns: seeds):
 
 def main(argv):
     del argv
+    for name in FLAGS.variants:
+        check_choice("--variants", name, VARIANTS)
     vae_config = shapes_vae.get_config()
     vae = train_stage("vae", vae_config)
     t2i_config = shapes_t2i.get_config()
@@ -354,7 +448,9 @@ def main(argv):
         shutil.copytree(export_folder("t2i", t2i_config), FLAGS.base)
     classifier = classifier_stage()
     evaluation = evaluation_stage(t2i_config, classifier)
-    comparison = text_encoder_stage(t2i_config, classifier) if FLAGS.text_encoder_steps else None
+    variants = variants_stage(t2i_config, classifier)
+    models = {"recipe": ("t2i", t2i_config), **{name: (name, variant_config(t2i_config, name)) for name in variants}}
+    sensitivity = {name: prompt_sensitivity(*restored(config, stage)[1:]) for name, (stage, config) in models.items()}
     with open(os.path.join(export_folder("vae", vae_config), "vae", "config.json")) as file:
         scaling_factor = json.load(file)["scaling_factor"]
     record = {
@@ -365,7 +461,8 @@ def main(argv):
         "vae": {**{k: v for k, v in vae.items() if isinstance(v, (int, float))}, "scaling_factor": scaling_factor},
         "t2i": {k: v for k, v in t2i.items() if isinstance(v, (int, float))},
         "evaluation": evaluation,
-        "text_encoder": comparison,
+        "variants": variants,
+        "prompt_sensitivity": sensitivity,
         "stage_seconds": stage_times(),
     }
     write_report(record)

@@ -189,13 +189,20 @@ def test_simple_loss_is_unweighted_eps_mse():
     np.testing.assert_allclose(simple, ((eps - 0.3 * z) ** 2).sum(-1), rtol=1e-5)
 
 
+def test_min_snr_weight_is_simple_clipped_at_snr_5():
+    """w = 2 min(SNR, 5) / SNR (Hang et al. 2023): L_simple's 2 up to SNR 5, then 10 / SNR."""
+    snr = jnp.array([0.01, 1.0, 5.0, 10.0, 100.0])
+    weight = diffusion.loss_weight("min_snr", -jnp.log(snr), jnp.zeros_like(snr))
+    np.testing.assert_allclose(weight, [2.0, 2.0, 2.0, 1.0, 0.1], rtol=1e-6)
+
+
 def test_unknown_parameterization_and_weighting_are_refused():
     x = gaussian_batch(0, 4)
     with pytest.raises(
         ValueError, match=re.escape("parameterization='noise': expected one of ('eps', 'x0', 'v', 'score')")
     ):
         diffusion.diffusion_loss(jax.random.PRNGKey(0), x, lambda z, g: z, lambda t: t, parameterization="noise")
-    with pytest.raises(ValueError, match=re.escape("weighting='l1': expected one of ('elbo', 'simple')")):
+    with pytest.raises(ValueError, match=re.escape("weighting='l1': expected one of ('elbo', 'simple', 'min_snr')")):
         diffusion.diffusion_loss(jax.random.PRNGKey(0), x, lambda z, g: z, lambda t: t, weighting="l1")
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from configs import shapes_t2i, shapes_vae
+from ddm_jax import diffusion
 from ddm_jax.data import load_split
 from ddm_jax.models import load_diffusers
 from ddm_jax.models.latent_diffusion import LatentDiffusion
@@ -136,3 +137,30 @@ def test_a_frozen_text_encoder_stays_at_its_initialisation(runs, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, before["text_encoder"], after["text_encoder"])
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), before["unet"], after["unet"]))
     assert any(changed) and np.isfinite(float(metrics["loss"][0]))
+
+
+def test_min_snr_weighting_scales_each_example_by_min_of_one_and_5_over_snr(runs, tmp_path):
+    """Hang et al. 2023 in eps form: the loss of example b is L_simple's times min(1, 5 / SNR(t_b)),
+    t_b the example's own draw (recomputed here from the task's keys)."""
+    data_dir, vae_result, _, _ = runs
+    config = tiny_t2i_config(data_dir, os.path.dirname(vae_result["vae"]))
+    task = Experiment(config, str(tmp_path)).task
+    params = task.init(jax.random.PRNGKey(1))
+    batch = {key: value[:8] for key, value in task.held_out.items() if key != "caption"}
+    rng = jax.random.PRNGKey(3)
+    simple = task.per_example_loss(params, rng, batch, prompt_dropout=0.0)
+    config.model.weighting = "min_snr"
+    min_snr = task.per_example_loss(params, rng, batch, prompt_dropout=0.0)
+    t, _ = diffusion.diffusion_draws(jax.random.split(rng, 3)[2], batch["latent_mean"].shape, T=999)
+    snr = np.exp(-np.asarray(task.model.gamma_fn(t), np.float64))
+    np.testing.assert_allclose(min_snr, simple * np.minimum(1.0, 5.0 / snr), rtol=1e-5)
+    assert (snr > 5).any() and (snr < 5).any()
+
+
+def test_an_unknown_weighting_is_refused_before_anything_is_built(runs, tmp_path):
+    data_dir, vae_result, _, _ = runs
+    config = tiny_t2i_config(data_dir, os.path.dirname(vae_result["vae"]))
+    config.model.weighting = "l2"
+    with pytest.raises(ValueError, match=r"model\.weighting='l2': expected one of \('elbo', 'simple', 'min_snr'\)"):
+        Experiment(config, str(tmp_path))
+    assert not os.listdir(tmp_path)

@@ -13,7 +13,7 @@ import ml_collections
 
 from ddm_jax.checks import ArgumentError, check, check_choice, check_int, check_interval, config_fields, nearest_fields
 from ddm_jax.data import AUGMENT_COND_DIM, DatasetSpec, check_augment, check_eval_split, dataset_spec
-from ddm_jax.diffusion import SCHEDULES
+from ddm_jax.diffusion import SCHEDULES, WEIGHTINGS
 from ddm_jax.diffusion import build_schedule as schedule_by_name
 from ddm_jax.models import NETWORKS, load_diffusers
 from ddm_jax.models.clip_tokenizer import default_tokenizer
@@ -211,6 +211,7 @@ def build_latent_diffusion(model: ml_collections.ConfigDict) -> tuple[LatentDiff
         vae, vae_params = load_diffusers(model.vae_folder, "vae")
     with config_fields("model"):
         check_interval("prompt_dropout", model.prompt_dropout, 0.0, 1.0)
+        check_choice("weighting", model.weighting, WEIGHTINGS)
         latent_diffusion = LatentDiffusion(
             text_encoder=text_encoder,
             unet=unet,

@@ -5,7 +5,8 @@ The VAE is trained first (`autoencoder_task`) and frozen: the task encodes the t
 example's latent from its posterior, drops its prompt to the empty one with probability
 `prompt_dropout` (classifier-free guidance, Ho & Salimans 2022), and takes the diffusion loss of
 `ddm_jax.diffusion` on the scaled latent with the model's discrete schedule: L_simple at the
-timesteps n = 1..N-1 (weighting "simple", T = N - 1), as Stable Diffusion was trained. The text
+timesteps n = 1..N-1 (T = N - 1) with the weighting `model.weighting`: "simple", as Stable
+Diffusion was trained, or "min_snr" (Hang et al. 2023; `diffusion.WEIGHTINGS`). The text
 encoder is trained jointly from scratch, or kept frozen at its random initialisation
 (`train_text_encoder`); frozen parameters stay in the state but the optimizer leaves them alone.
 Evaluation reports the loss on held-out examples; samples are guided generations of held-out
@@ -107,7 +108,8 @@ class TextToImageTask:
     # The loss ----------------------------------------------------------------------------------------
 
     def per_example_loss(self, params, rng, batch, axis_name=None, *, prompt_dropout: float):
-        """L_simple per latent dimension of each example [b] (module docstring); example b draws its
+        """The weighted diffusion loss per latent dimension of each example [b] (module docstring,
+        L_simple for "simple"); example b draws its
         latent, its prompt's dropout (probability `prompt_dropout`) and (t, eps) from (rng, its row
         of the global batch)."""
         mean, logvar = batch["latent_mean"], batch["latent_logvar"]
@@ -129,7 +131,7 @@ class TextToImageTask:
             self.model.gamma_fn,
             T=self.model.schedule.num_betas - 1,
             parameterization=self.model.parameterization,
-            weighting="simple",
+            weighting=self.config.model.weighting,
             rows=rows,
             batch_size=batch_size,
         )
