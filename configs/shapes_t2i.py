@@ -60,7 +60,7 @@ def get_config():
             prediction_type="epsilon",  # epsilon | v_prediction
         )
     )
-    config.model.weighting = "simple"  # the loss: simple (SD's L_simple) | min_snr (Min-SNR-5, Hang et al. 2023)
+    config.model.weighting = "simple"  # the loss: simple (SD 1's L_simple) | min_snr (Min-SNR-5) | v_mse (SD 2's)
     config.model.prompt_dropout = 0.1  # probability of training on the empty prompt (guidance)
     config.model.train_text_encoder = True  # False: the text encoder stays at its random initialisation
 

@@ -13,8 +13,9 @@ Stages, each skipped when its output exists (so a killed run continues where it 
      classifier's features against the train split (the stand-in for FID); a PNG grid per showcase
      prompt (rows: scales, columns: seeds); kept in WORKDIR/evaluation.json;
   5. variants (--variants, names of VARIANTS): the t2i stage again with one choice changed (the
-     text encoder kept at its random initialisation instead of trained jointly; Min-SNR-5 instead
-     of L_simple), each for the full budget in WORKDIR/<name>, scored as in 4 with paired
+     text encoder kept at its random initialisation instead of trained jointly; SD 2's
+     v-prediction and v-MSE loss, or Min-SNR-5, instead of SD 1's eps and L_simple), each for the
+     full budget in WORKDIR/<name>, scored as in 4 with paired
      per-prompt differences against the recipe's model; kept in WORKDIR/variant_<name>.json.
 Writes experiments/results/t2i_base.{md,json} and t2i_base_prompt_*.png; reading notes below
 the line "<!-- notes -->" of an existing t2i_base.md are kept.
@@ -230,6 +231,7 @@ def paired_difference(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.
 # Alternatives to the recipe's choices: config overrides, each trained as the t2i stage is.
 VARIANTS = {
     "text_encoder_frozen": {"model.train_text_encoder": False},  # the text encoder kept at its random init
+    "v_prediction": {"model.scheduler.prediction_type": "v_prediction", "model.weighting": "v_mse"},  # SD 2's loss
     "min_snr": {"model.weighting": "min_snr"},  # Min-SNR-5 instead of L_simple
 }
 
@@ -237,8 +239,8 @@ VARIANTS = {
 def variant_config(t2i_config, name: str):
     config = copy.deepcopy(t2i_config)
     for field, value in VARIANTS[name].items():
-        section, key = field.split(".")
-        config[section][key] = value
+        *sections, key = field.split(".")
+        functools.reduce(lambda node, section: node[section], sections, config)[key] = value
     return config
 
 

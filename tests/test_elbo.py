@@ -196,13 +196,29 @@ def test_min_snr_weight_is_simple_clipped_at_snr_5():
     np.testing.assert_allclose(weight, [2.0, 2.0, 2.0, 1.0, 0.1], rtol=1e-6)
 
 
+def test_v_mse_weighting_is_the_mse_of_v():
+    """With weighting "v_mse" the loss is ||v - v_hat||^2 of the v-prediction, computed directly."""
+    x = gaussian_batch(0, 64)
+    schedule = gamma_fn_of(schedules.FixedLinear(GAMMA_0, GAMMA_1))
+    predict_v = lambda z, g: 0.3 * z
+    rng = jax.random.PRNGKey(5)
+    loss = diffusion.diffusion_loss(rng, x, predict_v, schedule, T=10, parameterization="v", weighting="v_mse")
+    rng_t, rng_eps = jax.random.split(rng)
+    t = diffusion.sample_times(rng_t, 64, T=10)
+    eps = jnp.stack([jax.random.normal(jax.random.fold_in(rng_eps, b), x.shape[1:]) for b in range(64)])
+    alpha, sigma = diffusion.alpha_sigma(schedule(t)[:, None])
+    z = alpha * x + sigma * eps
+    np.testing.assert_allclose(loss, ((alpha * eps - sigma * x - 0.3 * z) ** 2).sum(-1), rtol=1e-4)
+
+
 def test_unknown_parameterization_and_weighting_are_refused():
     x = gaussian_batch(0, 4)
     with pytest.raises(
         ValueError, match=re.escape("parameterization='noise': expected one of ('eps', 'x0', 'v', 'score')")
     ):
         diffusion.diffusion_loss(jax.random.PRNGKey(0), x, lambda z, g: z, lambda t: t, parameterization="noise")
-    with pytest.raises(ValueError, match=re.escape("weighting='l1': expected one of ('elbo', 'simple', 'min_snr')")):
+    expected = "weighting='l1': expected one of ('elbo', 'simple', 'min_snr', 'v_mse')"
+    with pytest.raises(ValueError, match=re.escape(expected)):
         diffusion.diffusion_loss(jax.random.PRNGKey(0), x, lambda z, g: z, lambda t: t, weighting="l1")
 
 

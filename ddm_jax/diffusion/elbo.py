@@ -153,12 +153,15 @@ MIN_SNR_GAMMA = 5.0  # The clip of "min_snr" (Hang et al. 2023's default).
 # ELBO's weight w_t: the ELBO itself; DDPM's L_simple = E||eps - eps_hat||^2 (Ho et al. 2020,
 # eq. 14), i.e. w = 2; or Min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training via
 # Min-SNR Weighting Strategy", eq. 8 in eps form): L_simple times min(SNR, gamma) / SNR, which
-# keeps L_simple where SNR(t) <= gamma and down-weights the low-noise steps. A new loss (e.g. a
-# weighting of Kingma & Gao 2023) is one more entry here.
+# keeps L_simple where SNR(t) <= gamma and down-weights the low-noise steps; or the MSE of
+# v = alpha eps - sigma x (Salimans & Ho 2022, the loss of SD 2's v-prediction models):
+# ||v - v_hat||^2 = (1 + 1/SNR) ||eps - eps_hat||^2, which weights the high-noise steps up. A new
+# loss (e.g. a weighting of Kingma & Gao 2023) is one more entry here.
 WEIGHTINGS = {
     "elbo": lambda gamma_t, elbo_weight: elbo_weight,
     "simple": lambda gamma_t, elbo_weight: jnp.full_like(elbo_weight, 2.0),
     "min_snr": lambda gamma_t, elbo_weight: 2.0 * jnp.minimum(1.0, MIN_SNR_GAMMA * jnp.exp(gamma_t)),
+    "v_mse": lambda gamma_t, elbo_weight: 2.0 * (1.0 + jnp.exp(gamma_t)),
 }
 
 

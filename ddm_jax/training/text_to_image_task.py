@@ -6,7 +6,8 @@ example's latent from its posterior, drops its prompt to the empty one with prob
 `prompt_dropout` (classifier-free guidance, Ho & Salimans 2022), and takes the diffusion loss of
 `ddm_jax.diffusion` on the scaled latent with the model's discrete schedule: L_simple at the
 timesteps n = 1..N-1 (T = N - 1) with the weighting `model.weighting`: "simple", as Stable
-Diffusion was trained, or "min_snr" (Hang et al. 2023; `diffusion.WEIGHTINGS`). The text
+Diffusion 1 was trained, "v_mse" (SD 2's loss with prediction_type "v_prediction"), or "min_snr"
+(Hang et al. 2023; `diffusion.WEIGHTINGS`). The text
 encoder is trained jointly from scratch, or kept frozen at its random initialisation
 (`train_text_encoder`); frozen parameters stay in the state but the optimizer leaves them alone.
 Evaluation reports the loss on held-out examples; samples are guided generations of held-out
