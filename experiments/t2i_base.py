@@ -1,8 +1,9 @@
 """The shapes text-to-image base, trained here from scratch and judged against its prompts.
 
 Stages, each skipped when its output exists (so a killed run continues where it stopped):
-  1. the VAE (configs/shapes_vae.py) in WORKDIR/vae, exported as a diffusers VAE;
-  2. the latent text-to-image model (configs/shapes_t2i.py) in WORKDIR/t2i on that frozen VAE,
+  1. the VAE (--vae_config, configs/shapes_vae.py) in WORKDIR/vae, exported as a diffusers VAE;
+  2. the latent text-to-image model (--t2i_config, configs/shapes_t2i.py) in WORKDIR/t2i on that
+     frozen VAE (its model.vae_folder is set to stage 1's export),
      exported as a diffusers folder and copied to --base (workdirs/shapes_base by default), the
      folder every later experiment loads like an SD checkpoint;
   3. the attribute classifier (configs/shapes_classifier.py) in WORKDIR/classifier, or the one
@@ -35,8 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from ml_collections import config_flags
 
-from configs import shapes_classifier, shapes_t2i, shapes_vae
+from configs import shapes_classifier
 from ddm_jax.checks import check_choice
 from ddm_jax.data import dataset_spec, load_split
 from ddm_jax.data.shapes import COLORS, SINGLE_TEMPLATES, VOCABULARIES, ObjectLabels, object_phrase
@@ -57,6 +59,8 @@ from ddm_jax.training import trainer
 from ddm_jax.training.experiment import Experiment
 from experiments.reports import kept_notes
 
+config_flags.DEFINE_config_file("vae_config", "configs/shapes_vae.py", "Stage 1 (--vae_config.FIELD=VALUE overrides).")
+config_flags.DEFINE_config_file("t2i_config", "configs/shapes_t2i.py", "Stage 2 (--t2i_config.FIELD=VALUE overrides).")
 flags.DEFINE_string("workdir", "workdirs/t2i_base", "One sub-directory per stage (each resumed or skipped).")
 flags.DEFINE_string("base", "workdirs/shapes_base", "Where the trained base goes, as a diffusers folder.")
 flags.DEFINE_string("results", "experiments/results", "Where t2i_base.{md,json,png} go.")
@@ -402,7 +406,7 @@ def write_report(record: dict) -> None:
         file.write(f"""# A text-to-image base trained here: shapes, Stable Diffusion's layout
 
 Command: `{record["command"]}`, on {record["device"]}, 2 cores. The base is the diffusers folder
-`{record["base"]}` (configs/shapes_vae.py, then configs/shapes_t2i.py).
+`{record["base"]}` (the configs: {record["configs"]}).
 
 VAE (stage 1, {vae["step"]} steps): test PSNR {vae["psnr"]:.2f} +- {vae["psnr_stderr"]:.2f} dB over
 {vae["num_examples"]} images (reconstructions from the posterior mean, 8-bit); KL to N(0, I)
@@ -441,9 +445,9 @@ def main(argv):
     del argv
     for name in FLAGS.variants:
         check_choice("--variants", name, VARIANTS)
-    vae_config = shapes_vae.get_config()
+    vae_config = FLAGS.vae_config
     vae = train_stage("vae", vae_config)
-    t2i_config = shapes_t2i.get_config()
+    t2i_config = FLAGS.t2i_config
     t2i_config.model.vae_folder = export_folder("vae", vae_config)
     t2i = train_stage("t2i", t2i_config)
     if not os.path.exists(FLAGS.base):
@@ -459,6 +463,9 @@ def main(argv):
         "command": " ".join(["python -m experiments.t2i_base", *sys.argv[1:]]),
         "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
         "base": FLAGS.base,
+        "configs": " then ".join(
+            config_flags.get_config_filename(FLAGS[name]) for name in ("vae_config", "t2i_config")
+        ),
         "decoder_std": vae_config.model.decoder_std,
         "vae": {**{k: v for k, v in vae.items() if isinstance(v, (int, float))}, "scaling_factor": scaling_factor},
         "t2i": {k: v for k, v in t2i.items() if isinstance(v, (int, float))},
