@@ -41,12 +41,12 @@ from ml_collections import config_flags
 from configs import shapes_classifier
 from ddm_jax.checks import check_choice
 from ddm_jax.data import dataset_spec, load_split
-from ddm_jax.data.shapes import COLORS, SINGLE_TEMPLATES, VOCABULARIES, ObjectLabels, object_phrase
-from ddm_jax.diffusion import q_sample
+from ddm_jax.data.shapes import caption_pair
 from ddm_jax.evaluation import frechet
 from ddm_jax.evaluation.classifier import save_classifier
 from ddm_jax.evaluation.generate import images_to_uint8
 from ddm_jax.evaluation.images import image_grid, save_png, upscale_nearest
+from ddm_jax.evaluation.prompt_sensitivity import clean_latent_change
 from ddm_jax.evaluation.shapes_metrics import (
     feature_statistics,
     load_shapes,
@@ -280,63 +280,34 @@ SENSITIVITY_ATTRIBUTES = ("shape", "color", "size", "position", "texture", "back
 SENSITIVITY_TIMESTEPS = (900, 500, 100)  # SD's n: mostly noise, half-way, mostly signal
 
 
-def swapped_captions(attribute: str, rng: np.random.Generator) -> tuple[str, str]:
-    """Two one-object captions "{object}, on a {background} background" of random labels that
-    differ in `attribute` (a field of ObjectLabels, or "background") alone."""
-    vocabularies = {**VOCABULARIES._asdict(), "background": COLORS}
-    labels = {field: str(rng.choice(vocabulary)) for field, vocabulary in vocabularies.items()}
-    others = [value for value in vocabularies[attribute] if value != labels[attribute]]
-    swapped = {**labels, attribute: str(rng.choice(others))}
-    return tuple(
-        SINGLE_TEMPLATES[1].format(
-            object_phrase(ObjectLabels(**{field: chosen[field] for field in ObjectLabels._fields})),
-            background=chosen["background"],
-        )
-        for chosen in (labels, swapped)
-    )
-
-
 def prompt_sensitivity(task, params, num_pairs: int = 32) -> dict:
-    """How much the prompt's words move the model: the RMS change of its clean-latent prediction
-    x0_hat = (z - sigma eps_hat) / alpha when one attribute's word changes (`swapped_captions`), at
-    z_n = alpha_n x + sigma_n eps of the first num_pairs held-out latents x (scaled: RMS about 1),
-    the same eps for both captions; {attribute: {n: RMS}} for n in SENSITIVITY_TIMESTEPS."""
-    model = task.model
-    predict = jax.jit(
-        lambda params, z, gamma, tokens: model.predict(
-            params["unet"], z, gamma, model.encode_prompts(params["text_encoder"], tokens)
-        )
-    )
-    x = model.vae.scaling_factor * jnp.asarray(task.held_out["latent_mean"][:num_pairs])
-    eps = jax.random.normal(jax.random.PRNGKey(0), x.shape)
+    """{attribute: {n: sensitivity}}: `clean_latent_change` for num_pairs `caption_pair`s per
+    attribute, on the first num_pairs held-out latents."""
+    latents = task.model.vae.scaling_factor * jnp.asarray(task.held_out["latent_mean"][:num_pairs])
     rng = np.random.default_rng(0)
     result = {}
     for attribute in SENSITIVITY_ATTRIBUTES:
-        pairs = [swapped_captions(attribute, rng) for _ in range(len(x))]
-        tokens = [jnp.asarray(model.tokenize([pair[k] for pair in pairs])) for k in (0, 1)]
-        result[attribute] = {}
-        for n in SENSITIVITY_TIMESTEPS:
-            gamma = model.gamma_fn(jnp.full((len(x),), n / (model.schedule.num_betas - 1)))
-            z = q_sample(x, gamma, eps)
-            first, second = (predict(params, z, gamma, tokens[k]) for k in (0, 1))
-            x0_change = jnp.exp(0.5 * gamma)[:, None, None, None] * (first - second)  # sigma / alpha
-            result[attribute][n] = float(jnp.sqrt(jnp.mean(jnp.square(x0_change))))
+        prompts, others = zip(*(caption_pair(attribute, rng) for _ in range(num_pairs)), strict=True)
+        changes = clean_latent_change(
+            task.model, params, latents, prompts, others, SENSITIVITY_TIMESTEPS, jax.random.PRNGKey(0)
+        )
+        result[attribute] = {str(n): change for n, change in changes.items()}
     return result
 
 
 def sensitivity_section(sensitivities: dict) -> str:
     header = " | ".join(f"n = {n}" for n in SENSITIVITY_TIMESTEPS)
     rows = "\n".join(
-        f"| {name} | {attribute} | " + " | ".join(f"{values[n]:.4f}" for n in SENSITIVITY_TIMESTEPS) + " |"
+        f"| {name} | {attribute} | " + " | ".join(f"{values[str(n)]:.4f}" for n in SENSITIVITY_TIMESTEPS) + " |"
         for name, by_attribute in sensitivities.items()
         for attribute, values in by_attribute.items()
     )
     return f"""
-Prompt sensitivity (`prompt_sensitivity`): the RMS change of the predicted clean latent
-x0_hat = (z - sigma eps_hat) / alpha (the scaled latents have RMS about 1) when one word of a
-one-object prompt "a {{size}} {{colour}} {{shape}}{{texture}} {{position}}, on a {{background}}
-background" changes, at SD's timestep n, on 32 held-out latents noised with the same eps. A word
-the model does not use moves nothing.
+Prompt sensitivity (`evaluation.prompt_sensitivity`): the RMS change of the predicted clean
+latent x0_hat (the scaled latents have RMS about 1) when one word of a one-object prompt "a
+{{size}} {{colour}} {{shape}}{{texture}} {{position}}, on a {{background}} background" changes
+(`shapes.caption_pair`, 32 random pairs per word), at SD's timestep n, on 32 held-out latents
+noised with the same eps. A word the model does not use moves nothing.
 
 | model | changed word | {header} |
 |---|---|{"---|" * len(SENSITIVITY_TIMESTEPS)}

@@ -300,3 +300,17 @@ def test_named_config_64_has_64x64_images():
     builder = tfds.builder("shapes/64", data_dir="/nonexistent")
     assert builder.builder_config.image_size == 64
     assert builder.info.features["image"].shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("attribute", (*shapes.ObjectLabels._fields, "background"))
+def test_caption_pair_differs_in_the_attribute_alone(attribute):
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        first, second = (shapes.parse_caption(text) for text in shapes.caption_pair(attribute, rng))
+        labels = [{**parsed.objects[0]._asdict(), "background": parsed.background} for parsed in (first, second)]
+        assert {key for key in labels[0] if labels[0][key] != labels[1][key]} == {attribute}
+
+
+def test_caption_pair_names_an_unknown_attribute():
+    with pytest.raises(ArgumentError, match="attribute='colour': expected one of"):
+        shapes.caption_pair("colour", np.random.default_rng(0))

@@ -22,9 +22,10 @@ from PIL import Image
 
 from configs import sd_generate
 from ddm_jax.checks import ArgumentError
-from ddm_jax.diffusion import SAMPLERS, ddim_step, eps_from, guided_denoise_fn
+from ddm_jax.diffusion import SAMPLERS, alpha_sigma, ddim_step, eps_from, guided_denoise_fn
 from ddm_jax.diffusion.schedules import DiscreteBetas
 from ddm_jax.evaluation.generate import generate, sample_images
+from ddm_jax.evaluation.prompt_sensitivity import clean_latent_change
 from ddm_jax.models.clip_text import CLIPTextModel
 from ddm_jax.models.clip_tokenizer import END_OF_TEXT, END_OF_TEXT_ID, byte_order_vocabulary, shipped_merges
 from ddm_jax.models.latent_diffusion import LatentDiffusion, load_tokenizer, schedule_from_scheduler_config
@@ -432,3 +433,29 @@ def test_eight_devices_give_the_images_of_one(checkpoints):
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "same images on 8 devices and on 1" in result.stdout
+
+
+def test_clean_latent_change_is_the_rms_of_the_two_x0_predictions(family):
+    """`clean_latent_change` against the clean latents computed by hand from each prompt's own call
+    (eps for SD-1, v for SD-2: x0 = (z - sigma eps) / alpha = alpha z - sigma v), and 0 for a word
+    that does not change."""
+    _, model, params, _ = family
+    prompts, others = ["a red star", "a blue ring"], ["a red ring", "a green ring"]
+    latents = jax.random.normal(jax.random.PRNGKey(0), (2, *model.latent_shape()))
+    rng = jax.random.PRNGKey(1)
+    found = clean_latent_change(model, params, latents, prompts, others, (700, 50), rng)
+    eps = jax.random.normal(rng, latents.shape)
+    for n, change in found.items():
+        gamma = model.gamma_fn(jnp.full((2,), n / 999))
+        alpha, sigma = (a[:, None, None, None] for a in alpha_sigma(gamma))
+        z = alpha * latents + sigma * eps
+        x0 = []
+        for texts in (prompts, others):
+            context = encode_prompts(model, params["text_encoder"], model.tokenize(texts))
+            prediction = predict(model, params["unet"], z, gamma, context)
+            by_eps = (z - sigma * prediction) / alpha
+            x0.append(by_eps if model.parameterization == "eps" else alpha * z - sigma * prediction)
+        np.testing.assert_allclose(change, np.sqrt(np.mean(np.square(x0[0] - x0[1]))), rtol=1e-4)
+        assert change > 0
+    same = clean_latent_change(model, params, latents, prompts, prompts, (700,), rng)
+    assert same[700] < 1e-6

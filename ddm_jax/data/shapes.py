@@ -471,6 +471,23 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     return template.format(*phrases, background=scene.background)
 
 
+def caption_pair(attribute: str, rng: np.random.Generator) -> tuple[str, str]:
+    """Two captions of one object, "{object}, on a {background} background", with random labels
+    that differ in `attribute` alone (a field of ObjectLabels, or "background"), e.g. ("a small red
+    star on the left, on a white background", "a small red star on the right, on a white background")."""
+    vocabularies = {**VOCABULARIES._asdict(), "background": COLORS}
+    check_choice("attribute", attribute, tuple(vocabularies))
+    labels = {field: str(rng.choice(vocabulary)) for field, vocabulary in vocabularies.items()}
+    other = str(rng.choice([value for value in vocabularies[attribute] if value != labels[attribute]]))
+    return tuple(
+        SINGLE_TEMPLATES[1].format(
+            object_phrase(ObjectLabels(**{field: chosen[field] for field in ObjectLabels._fields})),
+            background=chosen["background"],
+        )
+        for chosen in (labels, {**labels, attribute: other})
+    )
+
+
 def _alternatives(phrases: tuple[str, ...]) -> str:
     return "(?:" + "|".join(re.escape(phrase) for phrase in phrases) + ")"
 
