@@ -2,10 +2,10 @@
 
 Stages, each skipped when its output exists (so a killed run continues where it stopped):
   1. the VAE (--vae_config, configs/shapes_vae.py) in WORKDIR/vae, exported as a diffusers VAE;
-  2. the latent text-to-image model (--t2i_config, configs/shapes_t2i.py) in WORKDIR/t2i on that
-     frozen VAE (its model.vae_folder is set to stage 1's export),
-     exported as a diffusers folder and copied to --base (workdirs/shapes_base by default), the
-     folder every later experiment loads like an SD checkpoint;
+  2. the latent text-to-image model (--t2i_config, configs/shapes_t2i.py; its model.vae_folder set
+     to stage 1's export) in WORKDIR/t2i, exported as a diffusers folder and copied to --base
+     (workdirs/shapes_base by default), the folder every later experiment loads like an SD
+     checkpoint;
   3. the attribute classifier (configs/shapes_classifier.py) in WORKDIR/classifier, or the one
      --classifier names (trained by experiments/train_shapes_classifier.py);
   4. evaluation: one image for each of --num_prompts held-out test captions at every guidance scale
@@ -16,8 +16,10 @@ Stages, each skipped when its output exists (so a killed run continues where it 
   5. variants (--variants, names of VARIANTS): the t2i stage again with one choice changed (the
      text encoder kept at its random initialisation instead of trained jointly; SD 2's
      v-prediction and v-MSE loss, or Min-SNR-5, instead of SD 1's eps and L_simple), each for the
-     full budget in WORKDIR/<name>, scored as in 4 with paired
-     per-prompt differences against the recipe's model; kept in WORKDIR/variant_<name>.json.
+     full budget in WORKDIR/<name>, scored as in 4 with paired per-prompt differences against the
+     recipe's model; kept in WORKDIR/variant_<name>.json;
+  6. prompt sensitivity of the recipe's model and of each variant: how far one changed word of a
+     prompt moves the predicted clean latent, per attribute and noise level.
 Writes experiments/results/t2i_base.{md,json} and t2i_base_prompt_*.png; reading notes below
 the line "<!-- notes -->" of an existing t2i_base.md are kept.
 
