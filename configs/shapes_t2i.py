@@ -62,7 +62,9 @@ def get_config():
     )
     config.model.weighting = "simple"  # the loss: simple (SD 1's L_simple) | min_snr (Min-SNR-5) | v_mse (SD 2's)
     config.model.prompt_dropout = 0.1  # probability of training on the empty prompt (guidance)
-    config.model.train_text_encoder = True  # False: the text encoder stays at its random initialisation
+    config.model.train_text_encoder = True  # False: the text encoder stays at its initialisation
+    # A diffusers text_encoder (its config model.text_encoder's) to start from; None: random.
+    config.model.text_encoder_folder = ml_collections.config_dict.placeholder(str)
 
     config.optimizer = ml_collections.ConfigDict(
         dict(

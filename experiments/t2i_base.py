@@ -57,8 +57,16 @@ from ddm_jax.evaluation.shapes_metrics import (
     summary,
     train_shapes_classifier,
 )
+from ddm_jax.models import save_diffusers
 from ddm_jax.training import trainer
+from ddm_jax.training.builders import build_latent_diffusion
 from ddm_jax.training.experiment import Experiment
+from ddm_jax.training.text_encoder_pretraining import (
+    CaptionLabelModel,
+    caption_labels,
+    label_accuracy,
+    pretrain_text_encoder,
+)
 from experiments.reports import kept_notes
 
 config_flags.DEFINE_config_file("vae_config", "configs/shapes_vae.py", "Stage 1 (--vae_config.FIELD=VALUE overrides).")
@@ -73,6 +81,9 @@ flags.DEFINE_integer("num_showcase", 6, "Prompts shown as grids (rows: scales, c
 flags.DEFINE_integer("showcase_seeds", 6, "Images per scale in a showcase grid.")
 flags.DEFINE_string("sampler", "dpm_solver_pp", "Sampler of the evaluation (a key of diffusion.SAMPLERS).")
 flags.DEFINE_integer("steps", 25, "Its steps.")
+flags.DEFINE_integer(
+    "pretrain_steps", 1000, "Steps of the text encoder trained first (variant text_encoder_pretrained)."
+)
 flags.DEFINE_list("variants", [], "Alternatives to the recipe trained and compared with it (names of VARIANTS).")
 FLAGS = flags.FLAGS
 TIMES = "stage_seconds.json"
@@ -234,9 +245,14 @@ def paired_difference(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.
     }
 
 
+PRETRAINED_TEXT_ENCODER = "text_encoder_pretrained"  # WORKDIR/<this>: the text encoder trained first
 # Alternatives to the recipe's choices: config overrides, each trained as the t2i stage is.
 VARIANTS = {
     "text_encoder_frozen": {"model.train_text_encoder": False},  # the text encoder kept at its random init
+    "text_encoder_pretrained": {  # trained first on the captions' labels, then frozen (as SD keeps CLIP)
+        "model.text_encoder_folder": PRETRAINED_TEXT_ENCODER,  # relative to WORKDIR
+        "model.train_text_encoder": False,
+    },
     "v_prediction": {"model.scheduler.prediction_type": "v_prediction", "model.weighting": "v_mse"},  # SD 2's loss
     "min_snr": {"model.weighting": "min_snr"},  # Min-SNR-5 instead of L_simple
 }
@@ -246,8 +262,45 @@ def variant_config(t2i_config, name: str):
     config = copy.deepcopy(t2i_config)
     for field, value in VARIANTS[name].items():
         *sections, key = field.split(".")
+        value = os.path.join(FLAGS.workdir, value) if field == "model.text_encoder_folder" else value
         functools.reduce(lambda node, section: node[section], sections, config)[key] = value
     return config
+
+
+def pretrained_text_encoder_stage(t2i_config) -> dict:
+    """The text encoder of t2i_config trained first on the train captions' labels
+    (`training.text_encoder_pretraining`, --pretrain_steps steps of 256 captions), saved as the
+    diffusers folder WORKDIR/PRETRAINED_TEXT_ENCODER; its label accuracy on the test captions
+    (kept in WORKDIR/text_encoder_pretrained.json)."""
+
+    def pretrain():
+        start = time.time()
+        model, _ = build_latent_diffusion(t2i_config.model)
+        data = t2i_config.data
+        tokens, labels = {}, {}
+        for split in ("train", data.eval_split):
+            captions = load_split(dataset_spec(data.dataset), split, data.data_dir, text_features=("caption",))
+            tokens[split] = np.asarray(model.tokenize(list(captions["caption"])))
+            labels[split] = caption_labels(captions["caption"])
+        encoder_params, params = pretrain_text_encoder(
+            model.text_encoder,
+            tokens["train"],
+            labels["train"],
+            steps=FLAGS.pretrain_steps,
+            batch_size=256,
+            lr=1e-3,
+            seed=0,
+        )
+        save_diffusers(
+            os.path.join(FLAGS.workdir, PRETRAINED_TEXT_ENCODER), "text_encoder", model.text_encoder, encoder_params
+        )
+        accuracy = label_accuracy(
+            CaptionLabelModel(model.text_encoder), params, tokens[data.eval_split], labels[data.eval_split]
+        )
+        record_time(PRETRAINED_TEXT_ENCODER, time.time() - start)
+        return {"steps": FLAGS.pretrain_steps, "test_label_accuracy": accuracy}
+
+    return cached(f"{PRETRAINED_TEXT_ENCODER}.json", pretrain)
 
 
 def variants_stage(t2i_config, classifier_path: str) -> dict:
@@ -265,6 +318,8 @@ def variants_stage(t2i_config, classifier_path: str) -> dict:
 
     def compare(name: str) -> dict:
         classifier, reference, prompts, base_correct = judged_base()
+        if "model.text_encoder_folder" in VARIANTS[name]:
+            pretrained_text_encoder_stage(t2i_config)
         config = variant_config(t2i_config, name)
         train_stage(name, config)
         step, task, params = restored(config, name)
@@ -444,6 +499,9 @@ def main(argv):
         "t2i": {k: v for k, v in t2i.items() if isinstance(v, (int, float))},
         "evaluation": evaluation,
         "variants": variants,
+        "text_encoder_pretraining": pretrained_text_encoder_stage(t2i_config)
+        if PRETRAINED_TEXT_ENCODER in variants
+        else None,
         "prompt_sensitivity": sensitivity,
         "stage_seconds": stage_times(),
     }

@@ -15,7 +15,7 @@ import pytest
 from configs import shapes_t2i, shapes_vae
 from ddm_jax import diffusion
 from ddm_jax.data import load_split
-from ddm_jax.models import load_diffusers
+from ddm_jax.models import load_diffusers, save_diffusers
 from ddm_jax.models.latent_diffusion import LatentDiffusion
 from ddm_jax.training import trainer
 from ddm_jax.training.experiment import Experiment
@@ -166,3 +166,18 @@ def test_an_unknown_weighting_is_refused_before_anything_is_built(runs, tmp_path
     with pytest.raises(ValueError, match=re.escape(expected)):
         Experiment(config, str(tmp_path))
     assert not os.listdir(tmp_path)
+
+
+def test_the_text_encoder_starts_from_text_encoder_folder_of_its_own_config(runs, tmp_path):
+    data_dir, vae_result, _, _ = runs
+    config = tiny_t2i_config(data_dir, os.path.dirname(vae_result["vae"]))
+    encoder = Experiment(config, str(tmp_path / "random")).task.model.text_encoder
+    saved = encoder.init(jax.random.PRNGKey(7), *encoder.example_inputs())["params"]
+    save_diffusers(tmp_path / "encoder", "text_encoder", encoder, saved)
+    config.model.text_encoder_folder = str(tmp_path / "encoder")
+    params = Experiment(config, str(tmp_path / "pretrained")).task.init(jax.random.PRNGKey(1))
+    jax.tree.map(np.testing.assert_array_equal, params["text_encoder"], saved)
+    config.model.text_encoder.num_hidden_layers = 2
+    with pytest.raises(ValueError, match=re.escape("model.text_encoder_folder=") + ".*expected a text encoder as"):
+        Experiment(config, str(tmp_path / "other"))
+    assert not os.path.exists(tmp_path / "other")

@@ -309,6 +309,7 @@ def test_caption_pair_differs_in_the_attribute_alone(attribute):
         first, second = (shapes.parse_caption(text) for text in shapes.caption_pair(attribute, rng))
         labels = [{**parsed.objects[0]._asdict(), "background": parsed.background} for parsed in (first, second)]
         assert {key for key in labels[0] if labels[0][key] != labels[1][key]} == {attribute}
+        assert all(label["color"] != label["background"] for label in labels)
 
 
 def test_caption_pair_names_an_unknown_attribute():

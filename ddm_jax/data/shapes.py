@@ -474,11 +474,14 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
 def caption_pair(attribute: str, rng: np.random.Generator) -> tuple[str, str]:
     """Two captions of one object, "{object}, on a {background} background", with random labels
     that differ in `attribute` alone (a field of ObjectLabels, or "background"), e.g. ("a small red
-    star on the left, on a white background", "a small red star on the right, on a white background")."""
+    star on the left, on a white background", "a small red star on the right, on a white background");
+    the object's colour is never the background's, as in every scene."""
     vocabularies = {**VOCABULARIES._asdict(), "background": COLORS}
     check_choice("attribute", attribute, tuple(vocabularies))
     labels = {field: str(rng.choice(vocabulary)) for field, vocabulary in vocabularies.items()}
-    other = str(rng.choice([value for value in vocabularies[attribute] if value != labels[attribute]]))
+    labels["background"] = str(rng.choice([color for color in COLORS if color != labels["color"]]))
+    excluded = {labels["color"], labels["background"]} if attribute in ("color", "background") else {labels[attribute]}
+    other = str(rng.choice([value for value in vocabularies[attribute] if value not in excluded]))
     return tuple(
         SINGLE_TEMPLATES[1].format(
             object_phrase(ObjectLabels(**{field: chosen[field] for field in ObjectLabels._fields})),

@@ -200,15 +200,27 @@ def config_architecture(config: ml_collections.ConfigDict) -> dict:
 
 def build_latent_diffusion(model: ml_collections.ConfigDict) -> tuple[LatentDiffusion, dict]:
     """The text-to-image model of config.model (text encoder and UNet from their config dicts, the
-    stage-1 VAE from model.vae_folder, the schedule from model.scheduler) and the VAE's parameters."""
+    stage-1 VAE from model.vae_folder, the schedule from model.scheduler) and the parameters loaded
+    for it: {"vae"}, and {"text_encoder"} when model.text_encoder_folder names a text encoder to
+    start from (it must be the one model.text_encoder describes)."""
     with config_fields("model.text_encoder"):
         text_encoder = module_from_config("text_encoder", model.text_encoder.to_dict())
+    loaded = {}
+    if model.text_encoder_folder is not None:
+        with config_fields(folder="model.text_encoder_folder"):
+            found, loaded["text_encoder"] = load_diffusers(model.text_encoder_folder, "text_encoder")
+        check(
+            found == text_encoder,
+            "model.text_encoder_folder",
+            model.text_encoder_folder,
+            f"a text encoder as model.text_encoder describes ({text_encoder}), not {found}",
+        )
     with config_fields("model.unet"):
         unet = module_from_config("unet", model.unet.to_dict())
     with config_fields("model.scheduler"):
         schedule, parameterization = schedule_from_scheduler_config(model.scheduler.to_dict())
     with config_fields(folder="model.vae_folder"):
-        vae, vae_params = load_diffusers(model.vae_folder, "vae")
+        vae, loaded["vae"] = load_diffusers(model.vae_folder, "vae")
     with config_fields("model"):
         check_interval("prompt_dropout", model.prompt_dropout, 0.0, 1.0)
         check_choice("weighting", model.weighting, WEIGHTINGS)
@@ -221,7 +233,7 @@ def build_latent_diffusion(model: ml_collections.ConfigDict) -> tuple[LatentDiff
             parameterization=parameterization,
             pad_token_id=FAMILY_PAD_IDS[text_encoder.hidden_act],
         )
-    return latent_diffusion, vae_params
+    return latent_diffusion, loaded
 
 
 def build_task(config: ml_collections.ConfigDict, mesh, rng, workdir: str):
@@ -244,11 +256,13 @@ def build_task(config: ml_collections.ConfigDict, mesh, rng, workdir: str):
             check(config.model.decoder_std > 0, "decoder_std", config.model.decoder_std, "a standard deviation > 0")
             check(config.model.beta >= 0, "beta", config.model.beta, "a weight >= 0")
         return AutoencoderTask(config, spec, vae, mesh, rng, workdir)
-    model, vae_params = build_latent_diffusion(config.model)
+    model, loaded = build_latent_diffusion(config.model)
     check(
         model.latent_shape(*spec.image_shape[:2])[-1] == model.vae.latent_channels,
         "data.dataset",
         spec.name,
         "images the VAE and UNet take",
     )
-    return TextToImageTask(config, spec, model, vae_params, mesh, rng, workdir)
+    return TextToImageTask(
+        config, spec, model, loaded["vae"], mesh, rng, workdir, text_encoder_params=loaded.get("text_encoder")
+    )

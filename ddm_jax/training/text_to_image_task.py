@@ -8,8 +8,9 @@ example's latent from its posterior, drops its prompt to the empty one with prob
 timesteps n = 1..N-1 (T = N - 1) with the weighting `model.weighting`: "simple", as Stable
 Diffusion 1 was trained, "v_mse" (SD 2's loss with prediction_type "v_prediction"), or "min_snr"
 (Hang et al. 2023; `diffusion.WEIGHTINGS`). The text
-encoder is trained jointly from scratch, or kept frozen at its random initialisation
-(`train_text_encoder`); frozen parameters stay in the state but the optimizer leaves them alone.
+encoder starts from its random initialisation or from a pretrained one (`text_encoder_folder`),
+and is trained jointly or kept frozen (`train_text_encoder`); frozen parameters stay in the state
+but the optimizer leaves them alone.
 Evaluation reports the loss on held-out examples; samples are guided generations of held-out
 prompts; `export` writes the whole model as a diffusers folder (the task interface is described in
 training/vdm_task.py).
@@ -41,7 +42,8 @@ def trained_parts(train_text_encoder: bool) -> tuple[str, ...]:
 
 class TextToImageTask:
     """A LatentDiffusion model whose VAE (`vae_params`) is frozen, trained on the captioned images of
-    `spec` (config sections data, model, training, eval)."""
+    `spec` (config sections data, model, training, eval); the text encoder starts from
+    `text_encoder_params` when given (a pretrained one), else from its random initialisation."""
 
     def __init__(
         self,
@@ -52,9 +54,11 @@ class TextToImageTask:
         mesh,
         rng,
         workdir: str,
+        text_encoder_params=None,
     ):
         self.config, self.spec, self.model, self.mesh, self.rng, self.workdir = config, spec, model, mesh, rng, workdir
         self.vae_params = replicate(vae_params, mesh)
+        self.text_encoder_params = text_encoder_params
         self.prompt_dropout = config.model.prompt_dropout
         self.trainable = trained_parts(config.model.train_text_encoder)
         self.null_tokens = jnp.asarray(model.tokenize([""]))
@@ -65,12 +69,16 @@ class TextToImageTask:
     # The model's parameters ------------------------------------------------------------------------
 
     def init(self, rng):
-        """{"text_encoder", "unet"} at their modules' initialisation (the VAE is not trained here)."""
+        """{"text_encoder", "unet"} at their modules' initialisation, the text encoder at
+        `text_encoder_params` when given (the VAE is not trained here)."""
         keys = dict(zip(("text_encoder", "unet"), jax.random.split(rng), strict=True))
-        return {
+        params = {
             name: getattr(self.model, name).init(keys[name], *getattr(self.model, name).example_inputs())["params"]
             for name in keys
         }
+        if self.text_encoder_params is not None:
+            params["text_encoder"] = self.text_encoder_params
+        return params
 
     def trainable_mask(self, params):
         """True for the leaves the optimizer updates (`train_text_encoder`)."""
@@ -109,10 +117,9 @@ class TextToImageTask:
     # The loss ----------------------------------------------------------------------------------------
 
     def per_example_loss(self, params, rng, batch, axis_name=None, *, prompt_dropout: float):
-        """The weighted diffusion loss per latent dimension of each example [b] (module docstring,
-        L_simple for "simple"); example b draws its
-        latent, its prompt's dropout (probability `prompt_dropout`) and (t, eps) from (rng, its row
-        of the global batch)."""
+        """The diffusion loss of `model.weighting` per latent dimension of each example [b] (module
+        docstring); example b draws its latent, its prompt's dropout (probability `prompt_dropout`)
+        and (t, eps) from (rng, its row of the global batch)."""
         mean, logvar = batch["latent_mean"], batch["latent_logvar"]
         rows, batch_size = shard_rows(mean.shape[0], axis_name)
         rng_latent, rng_dropout, rng_diffusion = jax.random.split(rng, 3)
