@@ -335,11 +335,18 @@ def variants_stage(t2i_config, classifier_path: str) -> dict:
 
 SENSITIVITY_ATTRIBUTES = ("shape", "color", "size", "position", "texture", "background")
 SENSITIVITY_TIMESTEPS = (900, 500, 100)  # SD's n: mostly noise, half-way, mostly signal
+SENSITIVITY_PAIRS = 32  # caption pairs per attribute, each on its own held-out latent
 
 
-def prompt_sensitivity(task, params, num_pairs: int = 32) -> dict:
-    """{attribute: {n: sensitivity}}: `clean_latent_change` for num_pairs `caption_pair`s per
-    attribute, on the first num_pairs held-out latents."""
+def prompt_sensitivity(config, stage: str) -> dict:
+    """{attribute: {n: sensitivity}} of the model trained in WORKDIR/stage: `clean_latent_change`
+    for SENSITIVITY_PAIRS `caption_pair`s per attribute, on as many held-out latents (kept in
+    WORKDIR/sensitivity_<stage>.json)."""
+    return cached(f"sensitivity_{stage}.json", lambda: attribute_sensitivities(*restored(config, stage)[1:]))
+
+
+def attribute_sensitivities(task, params) -> dict:
+    num_pairs = SENSITIVITY_PAIRS
     latents = task.model.vae.scaling_factor * jnp.asarray(task.held_out["latent_mean"][:num_pairs])
     rng = np.random.default_rng(0)
     result = {}
@@ -363,8 +370,8 @@ def sensitivity_section(sensitivities: dict) -> str:
 Prompt sensitivity (`evaluation.prompt_sensitivity`): the RMS change of the predicted clean
 latent x0_hat (the scaled latents have RMS about 1) when one word of a one-object prompt "a
 {{size}} {{colour}} {{shape}}{{texture}} {{position}}, on a {{background}} background" changes
-(`shapes.caption_pair`, 32 random pairs per word), at SD's timestep n, on 32 held-out latents
-noised with the same eps. A word the model does not use moves nothing.
+(`shapes.caption_pair`, {SENSITIVITY_PAIRS} random pairs per word), at SD's timestep n, on as many
+held-out latents noised with the same eps. A word the model does not use moves nothing.
 
 | model | changed word | {header} |
 |---|---|{"---|" * len(SENSITIVITY_TIMESTEPS)}
@@ -484,7 +491,7 @@ def main(argv):
     evaluation = evaluation_stage(t2i_config, classifier)
     variants = variants_stage(t2i_config, classifier)
     models = {"recipe": ("t2i", t2i_config), **{name: (name, variant_config(t2i_config, name)) for name in variants}}
-    sensitivity = {name: prompt_sensitivity(*restored(config, stage)[1:]) for name, (stage, config) in models.items()}
+    sensitivity = {name: prompt_sensitivity(config, stage) for name, (stage, config) in models.items()}
     with open(os.path.join(export_folder("vae", vae_config), "vae", "config.json")) as file:
         scaling_factor = json.load(file)["scaling_factor"]
     record = {
