@@ -107,12 +107,14 @@ def record_time(stage: str, seconds: float) -> None:
 
 
 def train_stage(stage: str, config) -> dict:
-    """Trains (or resumes) one stage and returns its final result, timing the part that ran."""
+    """Trains (or resumes) one stage and returns its final result, timing the part that trained
+    (a finished stage's rerun only evaluates, and is not counted)."""
     start = time.time()
     result = trainer.train_and_evaluate(config, os.path.join(FLAGS.workdir, stage))
     if result["preempted"]:
         raise SystemExit(f"stage {stage}: stopped by SIGTERM at step {result['step']}; rerun to continue")
-    record_time(stage, time.time() - start)
+    if result["resumed_from"] < result["step"]:
+        record_time(stage, time.time() - start)
     return result
 
 
