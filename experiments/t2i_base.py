@@ -299,7 +299,7 @@ def pretrained_text_encoder_stage(t2i_config) -> dict:
         accuracy = label_accuracy(
             CaptionLabelModel(model.text_encoder), params, tokens[data.eval_split], labels[data.eval_split]
         )
-        record_time(PRETRAINED_TEXT_ENCODER, time.time() - start)
+        record_time("text_encoder_pretraining", time.time() - start)
         return {"steps": FLAGS.pretrain_steps, "test_label_accuracy": accuracy}
 
     return cached(f"{PRETRAINED_TEXT_ENCODER}.json", pretrain)
