@@ -120,15 +120,19 @@ def flip_bytes(path: str, position: int, count: int = 8) -> None:
 
 
 def flip_optimizer_state(checkpoints: str, run: Run) -> list[str]:
-    """Flips bytes of the latest step in the first data file (largest first) where that silently
-    changes an optimizer-state array (orbax reads it without error); returns the arrays changed."""
+    """Flips bytes of the latest step at the first place (data files largest first, at 10%, 30%,
+    50%, 70% of each) where that silently changes an optimizer-state array (orbax reads it without
+    error); returns the arrays changed. Where orbax puts the arrays varies between writes, so more
+    than one place is tried."""
     for path in data_files(os.path.join(checkpoints, str(LATEST))):
-        flip_bytes(path, os.path.getsize(path) // 10)
-        changed = changed_arrays(checkpoints, run) or []
-        if any(name.startswith("opt_state/") for name in changed):
-            return changed
-        flip_bytes(path, os.path.getsize(path) // 10)  # flipped back
-    raise AssertionError("no data file holds optimizer state at 10% of its length")
+        for tenths in (1, 3, 5, 7):
+            position = os.path.getsize(path) * tenths // 10
+            flip_bytes(path, position)
+            changed = changed_arrays(checkpoints, run) or []
+            if any(name.startswith("opt_state/") for name in changed):
+                return changed
+            flip_bytes(path, position)  # flipped back
+    raise AssertionError("no data file holds optimizer state at 10-70% of its length")
 
 
 def truncate_largest_data_file(checkpoints: str, run: Run) -> None:
