@@ -264,7 +264,9 @@ def variant_config(t2i_config, name: str):
     config = copy.deepcopy(t2i_config)
     for field, value in VARIANTS[name].items():
         *sections, key = field.split(".")
-        value = os.path.join(FLAGS.workdir, value) if field == "model.text_encoder_folder" else value
+        if field == "model.text_encoder_folder":  # a stage of this script, trained when missing
+            pretrained_text_encoder_stage(t2i_config)
+            value = os.path.join(FLAGS.workdir, value)
         functools.reduce(lambda node, section: node[section], sections, config)[key] = value
     return config
 
@@ -320,8 +322,6 @@ def variants_stage(t2i_config, classifier_path: str) -> dict:
 
     def compare(name: str) -> dict:
         classifier, reference, prompts, base_correct = judged_base()
-        if "model.text_encoder_folder" in VARIANTS[name]:
-            pretrained_text_encoder_stage(t2i_config)
         config = variant_config(t2i_config, name)
         train_stage(name, config)
         step, task, params = restored(config, name)
@@ -413,7 +413,8 @@ def variants_section(variants: dict) -> str:
         for name, variant in variants.items()
     )
     return f"""
-Variants: the latent model trained again for the same budget with one choice changed ({overrides}),
+Variants: the latent model trained again for the same budget with one choice changed ({overrides}; a
+folder is relative to WORKDIR),
 everything else alike, scored as above on the same prompts with the same noise; the differences
 from the recipe's model are paired per prompt, +- the standard error of their mean.
 

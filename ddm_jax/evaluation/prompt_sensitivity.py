@@ -53,15 +53,17 @@ def clean_latent_change(
         check(0 <= n < num_steps, "timesteps", n, f"SD timesteps in [0, {num_steps})")
     tokens = jnp.asarray(np.concatenate([model.tokenize(list(prompts)), model.tokenize(list(other_prompts))]))
     eps = jax.random.normal(rng, latents.shape)
-    change = jax.jit(functools.partial(_clean_latent_change, model))
     return {
         int(n): float(
-            change(params, latents, tokens, eps, model.gamma_fn(jnp.full((len(latents),), n / (num_steps - 1))))
+            _clean_latent_change(
+                model, params, latents, tokens, eps, model.gamma_fn(jnp.full((len(latents),), n / (num_steps - 1)))
+            )
         )
         for n in timesteps
     }
 
 
+@functools.partial(jax.jit, static_argnums=0)  # compiled once per model and shapes, not per call
 def _clean_latent_change(model, params, latents, tokens, eps, gamma):
     z = jnp.concatenate([q_sample(latents, gamma, eps)] * 2)
     gamma = jnp.concatenate([gamma, gamma])
