@@ -2,6 +2,9 @@
 
 Stages, each skipped when its output exists (so a killed run continues where it stopped):
   1. the VAE (--vae_config, configs/shapes_vae.py) in WORKDIR/vae, exported as a diffusers VAE;
+     With --vae_only the run stops here, after scoring the VAE's reconstructions of test images
+     (the most any latent model of it can score; WORKDIR/vae_ceiling.json): first stages compared
+     without training a second;
   2. the latent text-to-image model (--t2i_config, configs/shapes_t2i.py; its model.vae_folder set
      to stage 1's export) in WORKDIR/t2i, exported as a diffusers folder and copied to --base
      (workdirs/shapes_base by default), the folder every later experiment loads like an SD
@@ -14,7 +17,8 @@ Stages, each skipped when its output exists (so a killed run continues where it 
      classifier's features against the train split (the stand-in for FID); a PNG grid per showcase
      prompt (rows: scales, columns: seeds); kept in WORKDIR/evaluation.json;
   5. variants (--variants, names of VARIANTS): the t2i stage again with one choice changed (the
-     text encoder kept at its random initialisation instead of trained jointly; SD 2's
+     text encoder kept at its random initialisation, or trained first on the captions' labels and
+     then frozen or trained on, instead of trained jointly from scratch; SD 2's
      v-prediction and v-MSE loss, or Min-SNR-5, instead of SD 1's eps and L_simple), each for the
      full budget in WORKDIR/<name>, scored as in 4 with paired per-prompt differences against the
      recipe's model; kept in WORKDIR/variant_<name>.json;
@@ -84,6 +88,11 @@ flags.DEFINE_integer("steps", 25, "Its steps.")
 flags.DEFINE_integer(
     "pretrain_steps", 1000, "Steps of the text encoder trained first (variant text_encoder_pretrained)."
 )
+flags.DEFINE_bool(
+    "vae_only",
+    False,
+    "Train stage 1, score its reconstructions (WORKDIR/vae_ceiling.json) and stop: compares first stages.",
+)
 flags.DEFINE_list("variants", [], "Alternatives to the recipe trained and compared with it (names of VARIANTS).")
 FLAGS = flags.FLAGS
 TIMES = "stage_seconds.json"
@@ -134,24 +143,38 @@ def classifier_stage() -> str:
     return path
 
 
-def ceilings(task, classifier, num_examples: int) -> dict:
+def ceilings(model, vae_params, data, classifier, num_examples: int, batch_size: int) -> dict:
     """The scores a perfect sampler would get: the classifier's on the first num_examples test images
     against their own captions, and on their reconstructions through the frozen VAE (posterior mean,
     decoded), which bound what any latent model of this VAE can show."""
-    test = load_shapes(task.config.data.eval_split, task.config.data.dataset, task.config.data.data_dir)
+    test = load_shapes(data.eval_split, data.dataset, data.data_dir)
     images, captions = test["image"][:num_examples], test["caption"][:num_examples]
-    reconstruct = jax.jit(lambda vae, x: task.model.decode_latents(vae, task.model.encode_images(vae, x)))
-    batch = task.config.eval.batch_size
+    reconstruct = jax.jit(lambda vae, x: model.decode_latents(vae, model.encode_images(vae, x)))
     reconstructions = np.concatenate(
         [
-            images_to_uint8(np.asarray(reconstruct(task.vae_params, images[i : i + batch] / 127.5 - 1.0)))
-            for i in range(0, len(images), batch)
+            images_to_uint8(np.asarray(reconstruct(vae_params, images[i : i + batch_size] / 127.5 - 1.0)))
+            for i in range(0, len(images), batch_size)
         ]
     )
     return {
         "test_images": summary(score_images(classifier, images, captions)),
         "vae_reconstructions": summary(score_images(classifier, reconstructions, captions)),
     }
+
+
+def vae_ceiling(vae: dict, t2i_config, classifier_path: str) -> dict:
+    """Stage 1 alone: its test PSNR and KL, and the `ceilings` of its reconstructions on the first
+    --num_prompts test images (kept in WORKDIR/vae_ceiling.json)."""
+
+    def score():
+        model, loaded = build_latent_diffusion(t2i_config.model)
+        classifier = load_shapes_classifier(classifier_path, image_size=32)
+        scores = ceilings(
+            model, loaded["vae"], t2i_config.data, classifier, FLAGS.num_prompts, t2i_config.eval.batch_size
+        )
+        return {"vae": {k: v for k, v in vae.items() if isinstance(v, (int, float))}, **scores}
+
+    return cached("vae_ceiling.json", score)
 
 
 def scores_at_scales(task, params, prompts, classifier, reference) -> tuple[list[dict], dict]:
@@ -230,7 +253,9 @@ def evaluation_stage(t2i_config, classifier_path: str) -> dict:
             "showcase": showcase,
             "num_prompts": len(prompts),
             "classifier": classifier_path,
-            "ceilings": ceilings(task, classifier, len(prompts)),
+            "ceilings": ceilings(
+                task.model, task.vae_params, task.config.data, classifier, len(prompts), task.config.eval.batch_size
+            ),
         }
 
     return cached(EVALUATION, evaluate)
@@ -254,6 +279,10 @@ VARIANTS = {
     "text_encoder_pretrained": {  # trained first on the captions' labels, then frozen (as SD keeps CLIP)
         "model.text_encoder_folder": PRETRAINED_TEXT_ENCODER,  # relative to WORKDIR
         "model.train_text_encoder": False,
+    },
+    "text_encoder_pretrained_joint": {  # trained first, then on with the UNet
+        "model.text_encoder_folder": PRETRAINED_TEXT_ENCODER,
+        "model.train_text_encoder": True,
     },
     "v_prediction": {"model.scheduler.prediction_type": "v_prediction", "model.weighting": "v_mse"},  # SD 2's loss
     "min_snr": {"model.weighting": "min_snr"},  # Min-SNR-5 instead of L_simple
@@ -487,6 +516,9 @@ def main(argv):
     vae = train_stage("vae", vae_config)
     t2i_config = FLAGS.t2i_config
     t2i_config.model.vae_folder = export_folder("vae", vae_config)
+    if FLAGS.vae_only:
+        print(json.dumps(vae_ceiling(vae, t2i_config, classifier_stage()), indent=2))
+        return
     t2i = train_stage("t2i", t2i_config)
     if not os.path.exists(FLAGS.base):
         shutil.copytree(export_folder("t2i", t2i_config), FLAGS.base)
@@ -510,7 +542,7 @@ def main(argv):
         "evaluation": evaluation,
         "variants": variants,
         "text_encoder_pretraining": pretrained_text_encoder_stage(t2i_config)
-        if PRETRAINED_TEXT_ENCODER in variants
+        if any("model.text_encoder_folder" in VARIANTS[name] for name in variants)
         else None,
         "prompt_sensitivity": sensitivity,
         "stage_seconds": stage_times(),
