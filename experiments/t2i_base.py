@@ -1,10 +1,10 @@
 """The shapes text-to-image base, trained here from scratch and judged against its prompts.
 
 Stages, each skipped when its output exists (so a killed run continues where it stopped):
-  1. the VAE (--vae_config, configs/shapes_vae.py) in WORKDIR/vae, exported as a diffusers VAE;
-     With --vae_only the run stops here, after scoring the VAE's reconstructions of test images
-     (the most any latent model of it can score; WORKDIR/vae_ceiling.json): first stages compared
-     without training a second;
+  1. the VAE (--vae_config, configs/shapes_vae.py) in WORKDIR/vae, exported as a diffusers VAE
+     (with --vae_only the run stops here, after scoring the VAE's reconstructions of test images,
+     the most any latent model of it can score, in WORKDIR/vae_ceiling.json: first stages compared
+     without training a second);
   2. the latent text-to-image model (--t2i_config, configs/shapes_t2i.py; its model.vae_folder set
      to stage 1's export) in WORKDIR/t2i, exported as a diffusers folder and copied to --base
      (workdirs/shapes_base by default), the folder every later experiment loads like an SD
