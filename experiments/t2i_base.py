@@ -127,6 +127,11 @@ def train_stage(stage: str, config) -> dict:
     return result
 
 
+def scalars(result: dict) -> dict:
+    """The numbers of a stage's result (what a record keeps of it)."""
+    return {key: value for key, value in result.items() if isinstance(value, (int, float))}
+
+
 def export_folder(stage: str, config) -> str:
     return os.path.join(FLAGS.workdir, stage, "export", f"step_{config.training.num_steps}")
 
@@ -172,7 +177,7 @@ def vae_ceiling(vae: dict, t2i_config, classifier_path: str) -> dict:
         scores = ceilings(
             model, loaded["vae"], t2i_config.data, classifier, FLAGS.num_prompts, t2i_config.eval.batch_size
         )
-        return {"vae": {k: v for k, v in vae.items() if isinstance(v, (int, float))}, **scores}
+        return {"vae": scalars(vae), **scores}
 
     return cached("vae_ceiling.json", score)
 
@@ -273,15 +278,16 @@ def paired_difference(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.
 
 
 PRETRAINED_TEXT_ENCODER = "text_encoder_pretrained"  # WORKDIR/<this>: the text encoder trained first
+TEXT_ENCODER_FOLDER = "model.text_encoder_folder"  # a variant setting it uses that stage
 # Alternatives to the recipe's choices: config overrides, each trained as the t2i stage is.
 VARIANTS = {
     "text_encoder_frozen": {"model.train_text_encoder": False},  # the text encoder kept at its random init
     "text_encoder_pretrained": {  # trained first on the captions' labels, then frozen (as SD keeps CLIP)
-        "model.text_encoder_folder": PRETRAINED_TEXT_ENCODER,  # relative to WORKDIR
+        TEXT_ENCODER_FOLDER: PRETRAINED_TEXT_ENCODER,  # relative to WORKDIR
         "model.train_text_encoder": False,
     },
     "text_encoder_pretrained_joint": {  # trained first, then on with the UNet
-        "model.text_encoder_folder": PRETRAINED_TEXT_ENCODER,
+        TEXT_ENCODER_FOLDER: PRETRAINED_TEXT_ENCODER,
         "model.train_text_encoder": True,
     },
     "v_prediction": {"model.scheduler.prediction_type": "v_prediction", "model.weighting": "v_mse"},  # SD 2's loss
@@ -293,7 +299,7 @@ def variant_config(t2i_config, name: str):
     config = copy.deepcopy(t2i_config)
     for field, value in VARIANTS[name].items():
         *sections, key = field.split(".")
-        if field == "model.text_encoder_folder":  # a stage of this script, trained when missing
+        if field == TEXT_ENCODER_FOLDER:  # a stage of this script, trained when missing
             pretrained_text_encoder_stage(t2i_config)
             value = os.path.join(FLAGS.workdir, value)
         functools.reduce(lambda node, section: node[section], sections, config)[key] = value
@@ -537,12 +543,12 @@ def main(argv):
             config_flags.get_config_filename(FLAGS[name]) for name in ("vae_config", "t2i_config")
         ),
         "decoder_std": vae_config.model.decoder_std,
-        "vae": {**{k: v for k, v in vae.items() if isinstance(v, (int, float))}, "scaling_factor": scaling_factor},
-        "t2i": {k: v for k, v in t2i.items() if isinstance(v, (int, float))},
+        "vae": {**scalars(vae), "scaling_factor": scaling_factor},
+        "t2i": scalars(t2i),
         "evaluation": evaluation,
         "variants": variants,
         "text_encoder_pretraining": pretrained_text_encoder_stage(t2i_config)
-        if any("model.text_encoder_folder" in VARIANTS[name] for name in variants)
+        if any(TEXT_ENCODER_FOLDER in VARIANTS[name] for name in variants)
         else None,
         "prompt_sensitivity": sensitivity,
         "stage_seconds": stage_times(),
