@@ -18,8 +18,9 @@ Stages, each skipped when its output exists (so a killed run continues where it 
      prompt (rows: scales, columns: seeds); kept in WORKDIR/evaluation.json;
   5. variants (--variants, names of VARIANTS): the t2i stage again with one choice changed (the
      text encoder kept at its random initialisation, or trained first on the captions' labels and
-     then frozen or trained on, instead of trained jointly from scratch; SD 2's
-     v-prediction and v-MSE loss, or Min-SNR-5, instead of SD 1's eps and L_simple), each for the
+     then frozen or trained on, instead of trained jointly from scratch; SD 2's v-prediction and
+     v-MSE loss, or SD 1's L_simple, instead of eps with Min-SNR-5; a variant that changes
+     nothing in --t2i_config is refused), each for the
      full budget in WORKDIR/<name>, scored as in 4 with paired per-prompt differences against the
      recipe's model; kept in WORKDIR/variant_<name>.json;
   6. prompt sensitivity of the recipe's model and of each variant: how far one changed word of a
@@ -33,6 +34,7 @@ the line "<!-- notes -->" of an existing t2i_base.md are kept.
 import copy
 import functools
 import json
+import operator
 import os
 import shutil
 import sys
@@ -45,7 +47,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs import shapes_classifier
-from ddm_jax.checks import check_choice
+from ddm_jax.checks import check, check_choice
 from ddm_jax.data import dataset_spec, load_split
 from ddm_jax.data.shapes import caption_pair
 from ddm_jax.evaluation import frechet
@@ -236,6 +238,7 @@ def evaluation_stage(t2i_config, classifier_path: str) -> dict:
         classifier, reference, prompts = judge(classifier_path, t2i_config)
         rows, _ = scores_at_scales(task, params, prompts, classifier, reference)
         showcase = []
+        os.makedirs(FLAGS.results, exist_ok=True)
         for index, prompt in enumerate(prompts[: FLAGS.num_showcase]):
             grid_rows = [
                 task.generate(
@@ -291,18 +294,30 @@ VARIANTS = {
         "model.train_text_encoder": True,
     },
     "v_prediction": {"model.scheduler.prediction_type": "v_prediction", "model.weighting": "v_mse"},  # SD 2's loss
-    "min_snr": {"model.weighting": "min_snr"},  # Min-SNR-5 instead of L_simple
+    "min_snr": {"model.weighting": "min_snr"},  # Min-SNR-5 (the recipe's weighting)
+    "l_simple": {"model.weighting": "simple"},  # SD 1's L_simple
 }
+
+
+def parent_and_key(config, field: str):
+    """The section of `config` holding the dotted `field`, and its last key."""
+    *sections, key = field.split(".")
+    return functools.reduce(lambda node, section: node[section], sections, config), key
+
+
+def changes_recipe(t2i_config, name: str) -> bool:
+    """Whether variant `name` sets some field of the recipe's config to another value."""
+    return any(value != operator.getitem(*parent_and_key(t2i_config, field)) for field, value in VARIANTS[name].items())
 
 
 def variant_config(t2i_config, name: str):
     config = copy.deepcopy(t2i_config)
     for field, value in VARIANTS[name].items():
-        *sections, key = field.split(".")
         if field == TEXT_ENCODER_FOLDER:  # a stage of this script, trained when missing
             pretrained_text_encoder_stage(t2i_config)
             value = os.path.join(FLAGS.workdir, value)
-        functools.reduce(lambda node, section: node[section], sections, config)[key] = value
+        section, key = parent_and_key(config, field)
+        section[key] = value
     return config
 
 
@@ -518,6 +533,7 @@ def main(argv):
     del argv
     for name in FLAGS.variants:
         check_choice("--variants", name, VARIANTS)
+        check(changes_recipe(FLAGS.t2i_config, name), "--variants", name, "a variant that changes --t2i_config")
     vae_config = FLAGS.vae_config
     vae = train_stage("vae", vae_config)
     t2i_config = FLAGS.t2i_config
