@@ -149,6 +149,7 @@ def test_min_snr_weighting_scales_each_example_by_min_of_one_and_5_over_snr(runs
     params = task.init(jax.random.PRNGKey(1))
     batch = {key: value[:8] for key, value in task.held_out.items() if key != "caption"}
     rng = jax.random.PRNGKey(3)
+    config.model.weighting = "simple"
     simple = task.per_example_loss(params, rng, batch, prompt_dropout=0.0)
     config.model.weighting = "min_snr"
     min_snr = task.per_example_loss(params, rng, batch, prompt_dropout=0.0)
