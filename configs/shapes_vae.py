@@ -55,7 +55,7 @@ def get_config():
         dict(
             seed=0,  # parameters, data order and every draw
             batch_size=32,  # global batch (150 ms a step on 2 CPU cores)
-            num_steps=6000,  # train steps (3000 undertrain it: experiments/results/t2i_base.md)
+            num_steps=6000,  # train steps (3000 undertrains it: experiments/results/t2i_base.md)
             substeps=1,  # steps per compiled call
             ema_decay=0.995,  # of the parameters evaluated and exported
             log_every=100,  # steps between train metrics and progress lines

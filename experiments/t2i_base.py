@@ -34,7 +34,6 @@ the line "<!-- notes -->" of an existing t2i_base.md are kept.
 import copy
 import functools
 import json
-import operator
 import os
 import shutil
 import sys
@@ -307,7 +306,8 @@ def parent_and_key(config, field: str):
 
 def changes_recipe(t2i_config, name: str) -> bool:
     """Whether variant `name` sets some field of the recipe's config to another value."""
-    return any(value != operator.getitem(*parent_and_key(t2i_config, field)) for field, value in VARIANTS[name].items())
+    sections = {field: parent_and_key(t2i_config, field) for field in VARIANTS[name]}
+    return any(section[key] != VARIANTS[name][field] for field, (section, key) in sections.items())
 
 
 def variant_config(t2i_config, name: str):
