@@ -19,8 +19,8 @@ Stages, each skipped when its output exists (so a killed run continues where it 
   5. variants (--variants, names of VARIANTS): the t2i stage again with one choice changed (the
      text encoder kept at its random initialisation, or trained first on the captions' labels and
      then frozen or trained on, instead of trained jointly from scratch; SD 2's v-prediction and
-     v-MSE loss, or SD 1's L_simple, instead of eps with Min-SNR-5; a variant that changes
-     nothing in --t2i_config is refused), each for the
+     v-MSE loss, or SD 1's L_simple, instead of eps with Min-SNR-5; or the recipe itself from
+     another seed; a variant that changes nothing in --t2i_config is refused), each for the
      full budget in WORKDIR/<name>, scored as in 4 with paired per-prompt differences against the
      recipe's model; kept in WORKDIR/variant_<name>.json;
   6. prompt sensitivity of the recipe's model and of each variant: how far one changed word of a
@@ -295,6 +295,7 @@ VARIANTS = {
     "v_prediction": {"model.scheduler.prediction_type": "v_prediction", "model.weighting": "v_mse"},  # SD 2's loss
     "min_snr": {"model.weighting": "min_snr"},  # Min-SNR-5 (the recipe's weighting)
     "l_simple": {"model.weighting": "simple"},  # SD 1's L_simple
+    "seed_1": {"training.seed": 1},  # the recipe from another seed: the spread of a single run
 }
 
 
