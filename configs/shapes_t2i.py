@@ -9,7 +9,7 @@ folder, WORKDIR/export/step_N, which `LatentDiffusion.load` and `--mode=generate
 checkpoint. experiments/t2i_base.py runs both stages and measures the result.
 
   python -m ddm_jax.main --config=configs/shapes_t2i.py --workdir=workdirs/shapes_t2i \\
-      --config.model.vae_folder=workdirs/shapes_vae/export/step_6000
+      --config.model.vae_folder=workdirs/shapes_vae/export/step_9000
 """
 
 import ml_collections
@@ -26,7 +26,7 @@ def get_config():
     config.data.eval_split = "test"  # held-out prompts and latents
 
     config.model = ml_collections.ConfigDict()
-    config.model.vae_folder = "workdirs/shapes_vae/export/step_6000"  # the frozen stage-1 VAE (diffusers)
+    config.model.vae_folder = "workdirs/shapes_vae/export/step_9000"  # the frozen stage-1 VAE (diffusers)
     config.model.text_encoder = ml_collections.ConfigDict(  # transformers' CLIPTextConfig keys
         dict(
             vocab_size=49408,  # CLIP's BPE vocabulary (the shipped tokenizer)

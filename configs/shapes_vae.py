@@ -47,7 +47,7 @@ def get_config():
             weight_decay=0.0,  # decoupled weight decay
             grad_clip_norm=1.0,  # global-norm clipping; 0 or None: none
             lr_schedule="cosine",  # constant | cosine (to 0 at decay_steps)
-            decay_steps=6000,  # cosine: the learning rate reaches 0 here
+            decay_steps=9000,  # cosine: the learning rate reaches 0 here
         )
     )
 
@@ -55,14 +55,14 @@ def get_config():
         dict(
             seed=0,  # parameters, data order and every draw
             batch_size=32,  # global batch (150 ms a step on 2 CPU cores)
-            num_steps=6000,  # train steps (3000 undertrains it: experiments/results/t2i_base.md)
+            num_steps=9000,  # train steps (3000 and 6000 undertrain it: experiments/results/t2i_base.md)
             substeps=1,  # steps per compiled call
             ema_decay=0.995,  # of the parameters evaluated and exported
             log_every=100,  # steps between train metrics and progress lines
             eval_every=3000,  # steps between evaluations
             checkpoint_every=3000,  # steps between checkpoints
             keep_checkpoints=2,  # the newest kept
-            sample_every=6000,  # steps between reconstruction grids
+            sample_every=9000,  # steps between reconstruction grids
             num_samples=32,  # eval images in the grid, each over its reconstruction
         )
     )

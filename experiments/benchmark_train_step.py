@@ -10,7 +10,7 @@ task (e.g. configs/shapes_t2i.py) is timed with the trainer's own step on its fi
   python -m experiments.benchmark_train_step --config=configs/vdm_cifar10.py --batch_size=8 \
       --image_shape=32,32,3 --vocab_size=256 --out=experiments/results/train_step_cifar10.json
   python -m experiments.benchmark_train_step --config=configs/shapes_t2i.py \
-      --config.model.vae_folder=workdirs/t2i_base/vae/export/step_6000
+      --config.model.vae_folder=workdirs/t2i_base/vae/export/step_9000
 """
 
 import functools
