@@ -14,15 +14,17 @@ Stages, each skipped when its output exists (so a killed run continues where it 
   4. evaluation: one image for each of --num_prompts held-out test captions at every guidance scale
      of --scales (the same initial noise at every scale), scored by the classifier for shape,
      colour, position and count (the stand-in for CLIP score), and the Frechet distance of the
-     classifier's features against the train split (the stand-in for FID); a PNG grid per showcase
-     prompt (rows: scales, columns: seeds); kept in WORKDIR/evaluation.json;
+     classifier's features against the train split (the stand-in for FID); every score also apart
+     for the one- and the two-object prompts; a PNG grid per showcase prompt (rows: scales,
+     columns: seeds); kept in WORKDIR/evaluation.json;
   5. variants (--variants, names of VARIANTS): the t2i stage again with one choice changed (the
      text encoder kept at its random initialisation, or trained first on the captions' labels and
      then frozen or trained on, instead of trained jointly from scratch; SD 2's v-prediction and
-     v-MSE loss, or SD 1's L_simple, instead of eps with Min-SNR-5; or the recipe itself from
-     another seed; a variant that changes nothing in --t2i_config is refused), each for the
-     full budget in WORKDIR/<name>, scored as in 4 with paired per-prompt differences against the
-     recipe's model; kept in WORKDIR/variant_<name>.json;
+     v-MSE loss, its weighting alone, or SD 1's L_simple, instead of eps with Min-SNR-5; a UNet
+     twice as wide for half the steps; or the recipe itself from another seed; a variant that
+     changes nothing in --t2i_config is refused), each for the full budget in WORKDIR/<name>,
+     scored as in 4 with paired per-prompt differences against the recipe's model; kept in
+     WORKDIR/variant_<name>.json;
   6. prompt sensitivity of the recipe's model and of each variant: how far one changed word of a
      prompt moves the predicted clean latent, per attribute and noise level.
 Writes experiments/results/t2i_base.{md,json} and t2i_base_prompt_*.png; reading notes below
@@ -55,6 +57,7 @@ from ddm_jax.evaluation.generate import images_to_uint8
 from ddm_jax.evaluation.images import image_grid, save_png, upscale_nearest
 from ddm_jax.evaluation.prompt_sensitivity import clean_latent_change
 from ddm_jax.evaluation.shapes_metrics import (
+    by_object_count,
     feature_statistics,
     load_shapes,
     load_shapes_classifier,
@@ -163,8 +166,17 @@ def ceilings(model, vae_params, data, classifier, num_examples: int, batch_size:
         ]
     )
     return {
-        "test_images": summary(score_images(classifier, images, captions)),
-        "vae_reconstructions": summary(score_images(classifier, reconstructions, captions)),
+        "test_images": summaries(score_images(classifier, images, captions), captions),
+        "vae_reconstructions": summaries(score_images(classifier, reconstructions, captions), captions),
+    }
+
+
+def summaries(scores: dict, prompts: list[str]) -> dict:
+    """The `summary` of scores over all prompts, and over the one- and the two-object prompts apart."""
+    by_objects = by_object_count(scores, prompts)
+    return {
+        "scores": summary(scores),
+        "by_objects": {str(count): summary(split) for count, split in by_objects.items()},
     }
 
 
@@ -194,7 +206,7 @@ def scores_at_scales(task, params, prompts, classifier, reference) -> tuple[list
         )
         scores = score_images(classifier, images, prompts)
         distance = frechet.frechet_distance(*feature_statistics(classifier, images), *reference)
-        rows.append({"guidance_scale": scale, "scores": summary(scores), "frechet_distance": distance})
+        rows.append({"guidance_scale": scale, **summaries(scores, prompts), "frechet_distance": distance})
         correct[scale] = {head: (score.correct, score.scored) for head, score in scores.items()}
     return rows, correct
 
@@ -295,7 +307,13 @@ VARIANTS = {
     "v_prediction": {"model.scheduler.prediction_type": "v_prediction", "model.weighting": "v_mse"},  # SD 2's loss
     "min_snr": {"model.weighting": "min_snr"},  # Min-SNR-5 (the recipe's weighting)
     "l_simple": {"model.weighting": "simple"},  # SD 1's L_simple
+    "v_mse": {"model.weighting": "v_mse"},  # v_prediction's weighting (1 + 1/SNR) on the eps error, eps predicted
     "seed_1": {"training.seed": 1},  # the recipe from another seed: the spread of a single run
+    "wide_unet": {  # a UNet twice as wide (3.2 times the FLOPs) for half the steps: the same wall time
+        "model.unet.block_out_channels": (64, 128),
+        "training.num_steps": 4500,
+        "optimizer.decay_steps": 4500,
+    },
 }
 
 
@@ -448,6 +466,38 @@ def scale_rows(rows: list[dict], prefix: str = "") -> str:
     )
 
 
+def object_count_section(record: dict) -> str:
+    evaluation = record["evaluation"]
+    models = {"recipe": evaluation["rows"], **{name: variant["rows"] for name, variant in record["variants"].items()}}
+    rows = [
+        f"| {name.replace('_', ' ')} | | {object_count_cells(ceiling['by_objects'])} |"
+        for name, ceiling in evaluation["ceilings"].items()
+    ] + [
+        f"| {name} | {row['guidance_scale']:g} | {object_count_cells(row['by_objects'])} |"
+        for name, rows in models.items()
+        for row in rows
+    ]
+    by_objects = evaluation["ceilings"]["test_images"]["by_objects"]
+    counts = {key: scores["shapes"]["count"] for key, scores in by_objects.items()}
+    return f"""
+The same scores apart for the prompts that ask for one object ({counts["1"]} of them) and for two
+({counts["2"]}): a two-object prompt is right on shape only when both shapes are, on colour when both
+colours are.
+
+| images or model | guidance scale | shape, one object | shape, two objects | colour, one object | colour, two objects |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+"""
+
+
+def object_count_cells(by_objects: dict) -> str:
+    return " | ".join(
+        f"{by_objects[count][head]['accuracy']:.3f} +- {by_objects[count][head]['standard_error']:.3f}"
+        for head in ("shapes", "colors")
+        for count in ("1", "2")
+    )
+
+
 def variants_section(variants: dict) -> str:
     if not variants:
         return ""
@@ -482,8 +532,8 @@ def write_report(record: dict) -> None:
         json.dump(record, file, indent=2)
     table = scale_rows(record["evaluation"]["rows"])
     ceiling_rows = "\n".join(
-        f"| {name.replace('_', ' ')} | {accuracy_cells(scores)} | |"
-        for name, scores in record["evaluation"]["ceilings"].items()
+        f"| {name.replace('_', ' ')} | {accuracy_cells(ceiling['scores'])} | |"
+        for name, ceiling in record["evaluation"]["ceilings"].items()
     )
     showcase = "\n".join(
         f'- "{item["prompt"]}": ![prompt {i}]({item["png"]})' for i, item in enumerate(record["evaluation"]["showcase"])
@@ -519,7 +569,7 @@ a perfect sampler would reach with a perfect decoder (test images), and with thi
 | images | shape | colour | position | count | |
 |---|---|---|---|---|---|
 {ceiling_rows}
-{variants_section(record["variants"])}{sensitivity_section(record["prompt_sensitivity"])}
+{object_count_section(record)}{variants_section(record["variants"])}{sensitivity_section(record["prompt_sensitivity"])}
 | stage | wall minutes |
 |---|---|
 {times}

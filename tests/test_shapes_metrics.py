@@ -144,6 +144,36 @@ def test_true_predictions_against_other_images_prompts_are_right_only_where_thos
     assert 0 < scores["shapes"].accuracy < 0.5
 
 
+def test_scores_by_object_count_are_the_scores_of_each_count_s_prompts_alone(test_split):
+    all_scenes = scenes("test", TINY.num_test)
+    predictions = as_predictions(sm.attribute_targets(test_split["attributes"]))
+    others = np.roll(np.arange(TINY.num_test), 1)  # Right only where the neighbour's prompt agrees.
+    prompts = [test_split["caption"][j] for j in others]
+    scores = sm.score_predictions(predictions, sm.prompt_targets(prompts))
+    split = sm.by_object_count(scores, prompts)
+
+    assert sorted(split) == [1, 2]
+    for count, by_head in split.items():
+        asked = [len(all_scenes[j].objects) == count for j in others]
+        for name, score in by_head.items():
+            scored = scores[name].scored & asked
+            np.testing.assert_array_equal(score.scored, scored, err_msg=f"{count} {name}")
+            np.testing.assert_array_equal(score.correct, scores[name].correct & asked, err_msg=f"{count} {name}")
+            if scored.any():
+                assert score.accuracy == pytest.approx(scores[name].correct[scored].mean())
+            else:
+                assert np.isnan(score.accuracy)
+    assert np.isnan(split[2]["position"].accuracy) and not np.isnan(split[1]["position"].accuracy)
+    shapes_right = [
+        {o.shape for o in all_scenes[i].objects} == {o.shape for o in all_scenes[j].objects}
+        for i, j in enumerate(others)
+    ]
+    two = [len(all_scenes[j].objects) == 2 for j in others]
+    assert split[2]["shapes"].accuracy == pytest.approx(
+        np.mean([r for r, t in zip(shapes_right, two, strict=True) if t])
+    )
+
+
 def test_the_attribute_classifier_has_the_heads_and_round_trips(trained, test_split, tmp_path):
     images = test_split["image"]
     predictions = sm.predict_attributes(trained, images, batch_size=50)
@@ -319,6 +349,10 @@ def test_frechet_distance_is_zero_to_itself_and_that_of_the_features(trained, te
         (
             lambda c, x, p: sm.score_images(c, x.astype(np.float32), p),
             r"images='float32 array of shape \(64, 32, 32, 3\)'",
+        ),
+        (
+            lambda c, x, p: sm.by_object_count(sm.score_images(c, x, p), p[1:]),
+            "prompts='63 prompts': expected the prompts the scores were computed for",
         ),
         (lambda c, x, p: sm.segment(x, background="white", color="red"), "color='red': expected None when background"),
         (lambda c, x, p: sm.segment(x, color="mauve"), "color='mauve': expected one of"),

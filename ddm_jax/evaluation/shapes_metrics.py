@@ -352,6 +352,33 @@ def summary(scores: Mapping[str, Score]) -> dict[str, dict]:
     }
 
 
+def by_object_count(scores: Mapping[str, Score], prompts: Sequence[str]) -> dict[int, dict[str, Score]]:
+    """The scores over the prompts that ask for one object and over those that ask for two, apart.
+
+    Args:
+      scores: {head: Score} of `score_images` (or `score_predictions`) for these prompts.
+      prompts: the N captions the images were scored against.
+
+    Returns:
+      {k: {head: Score}} for k = 1 .. MAX_OBJECTS: each Score restricted to the prompts that ask for
+      k objects (a head none of them speaks to has accuracy nan).
+    """
+    objects = prompt_targets(prompts)["num_objects"] + 1
+    check(
+        all(len(score.scored) == len(objects) for score in scores.values()),
+        "prompts",
+        f"{len(objects)} prompts",
+        "the prompts the scores were computed for",
+    )
+    return {
+        count: {
+            name: _score(score.correct & (objects == count), score.scored & (objects == count))
+            for name, score in scores.items()
+        }
+        for count in range(1, MAX_OBJECTS + 1)
+    }
+
+
 _PALETTE_ENTRIES = np.array(PALETTE + PATTERN_PALETTE, np.int32)  # Entry e is colour e % len(COLORS).
 
 
