@@ -22,7 +22,7 @@ Stages, each skipped when its output exists (so a killed run continues where it 
      then frozen or trained on, instead of trained jointly from scratch; SD 2's v-prediction and
      v-MSE loss, its weighting alone, or SD 1's L_simple, instead of eps with Min-SNR-5; a UNet
      twice as wide for half the steps; or the recipe itself from another seed; a variant that
-     changes nothing in --t2i_config is refused), each for the full budget in WORKDIR/<name>,
+     changes nothing in --t2i_config is refused), each for the recipe's budget in WORKDIR/<name>,
      scored as in 4 with paired per-prompt differences against the recipe's model; kept in
      WORKDIR/variant_<name>.json;
   6. prompt sensitivity of the recipe's model and of each variant: how far one changed word of a
@@ -172,11 +172,15 @@ def ceilings(model, vae_params, data, classifier, num_examples: int, batch_size:
 
 
 def summaries(scores: dict, prompts: list[str]) -> dict:
-    """The `summary` of scores over all prompts, and over the one- and the two-object prompts apart."""
+    """The `summary` of scores over all prompts, and over the one- and the two-object prompts apart
+    (there without the heads a subset never scores, whose accuracy is nan)."""
     by_objects = by_object_count(scores, prompts)
     return {
         "scores": summary(scores),
-        "by_objects": {str(count): summary(split) for count, split in by_objects.items()},
+        "by_objects": {
+            str(count): {head: s for head, s in summary(split).items() if s["count"]}
+            for count, split in by_objects.items()
+        },
     }
 
 
@@ -377,7 +381,7 @@ def pretrained_text_encoder_stage(t2i_config) -> dict:
 
 
 def variants_stage(t2i_config, classifier_path: str) -> dict:
-    """Each variant of --variants trained in WORKDIR/<name> for the recipe's full budget, alike in
+    """Each variant of --variants trained in WORKDIR/<name> for the recipe's budget, alike in
     everything but its overrides, scored as the evaluation stage on the same prompts with the same
     noise, with per-prompt paired differences against the recipe's model (each kept in
     WORKDIR/variant_<name>.json)."""
@@ -469,7 +473,7 @@ def scale_rows(rows: list[dict], prefix: str = "") -> str:
 def object_count_section(record: dict) -> str:
     evaluation = record["evaluation"]
     models = {"recipe": evaluation["rows"], **{name: variant["rows"] for name, variant in record["variants"].items()}}
-    rows = [
+    lines = [
         f"| {name.replace('_', ' ')} | | {object_count_cells(ceiling['by_objects'])} |"
         for name, ceiling in evaluation["ceilings"].items()
     ] + [
@@ -486,7 +490,7 @@ colours are.
 
 | images or model | guidance scale | shape, one object | shape, two objects | colour, one object | colour, two objects |
 |---|---|---|---|---|---|
-{chr(10).join(rows)}
+{chr(10).join(lines)}
 """
 
 
@@ -514,7 +518,7 @@ def variants_section(variants: dict) -> str:
         for name, variant in variants.items()
     )
     return f"""
-Variants: the latent model trained again for the same budget with one choice changed ({overrides}; a
+Variants: the latent model trained again for the same budget (steps, or wall time) with one choice changed ({overrides}; a
 folder is relative to WORKDIR),
 everything else alike, scored as above on the same prompts with the same noise; the differences
 from the recipe's model are paired per prompt, +- the standard error of their mean.

@@ -155,6 +155,7 @@ def test_scores_by_object_count_are_the_scores_of_each_count_s_prompts_alone(tes
     assert sorted(split) == [1, 2]
     for count, by_head in split.items():
         asked = [len(all_scenes[j].objects) == count for j in others]
+        assert set(by_head) == set(scores)
         for name, score in by_head.items():
             scored = scores[name].scored & asked
             np.testing.assert_array_equal(score.scored, scored, err_msg=f"{count} {name}")
@@ -168,10 +169,8 @@ def test_scores_by_object_count_are_the_scores_of_each_count_s_prompts_alone(tes
         {o.shape for o in all_scenes[i].objects} == {o.shape for o in all_scenes[j].objects}
         for i, j in enumerate(others)
     ]
-    two = [len(all_scenes[j].objects) == 2 for j in others]
-    assert split[2]["shapes"].accuracy == pytest.approx(
-        np.mean([r for r, t in zip(shapes_right, two, strict=True) if t])
-    )
+    asked_two = [len(all_scenes[j].objects) == 2 for j in others]
+    assert split[2]["shapes"].accuracy == pytest.approx(np.mean(np.array(shapes_right)[asked_two]))
 
 
 def test_the_attribute_classifier_has_the_heads_and_round_trips(trained, test_split, tmp_path):

@@ -370,12 +370,10 @@ def by_object_count(scores: Mapping[str, Score], prompts: Sequence[str]) -> dict
         f"{len(objects)} prompts",
         "the prompts the scores were computed for",
     )
+    asked = {count: objects == count for count in range(1, MAX_OBJECTS + 1)}
     return {
-        count: {
-            name: _score(score.correct & (objects == count), score.scored & (objects == count))
-            for name, score in scores.items()
-        }
-        for count in range(1, MAX_OBJECTS + 1)
+        count: {name: _score(score.correct, score.scored & mask) for name, score in scores.items()}
+        for count, mask in asked.items()
     }
 
 
