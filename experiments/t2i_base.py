@@ -172,15 +172,11 @@ def ceilings(model, vae_params, data, classifier, num_examples: int, batch_size:
 
 
 def summaries(scores: dict, prompts: list[str]) -> dict:
-    """The `summary` of scores over all prompts, and over the one- and the two-object prompts apart
-    (there without the heads a subset never scores, whose accuracy is nan)."""
+    """The `summary` of scores over all prompts, and over the one- and the two-object prompts apart."""
     by_objects = by_object_count(scores, prompts)
     return {
         "scores": summary(scores),
-        "by_objects": {
-            str(count): {head: s for head, s in summary(split).items() if s["count"]}
-            for count, split in by_objects.items()
-        },
+        "by_objects": {str(count): summary(split) for count, split in by_objects.items()},
     }
 
 

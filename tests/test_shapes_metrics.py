@@ -165,6 +165,7 @@ def test_scores_by_object_count_are_the_scores_of_each_count_s_prompts_alone(tes
             else:
                 assert np.isnan(score.accuracy)
     assert np.isnan(split[2]["position"].accuracy) and not np.isnan(split[1]["position"].accuracy)
+    assert "position" not in sm.summary(split[2]) and "position" in sm.summary(split[1])
     shapes_right = [
         {o.shape for o in all_scenes[i].objects} == {o.shape for o in all_scenes[j].objects}
         for i, j in enumerate(others)

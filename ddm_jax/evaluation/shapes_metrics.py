@@ -345,10 +345,12 @@ def score_images(
 
 
 def summary(scores: Mapping[str, Score]) -> dict[str, dict]:
-    """{head: {"accuracy", "standard_error", "count"}}: the numbers of `score_predictions`, for JSON."""
+    """{head: {"accuracy", "standard_error", "count"}}: the numbers of `score_predictions`, for JSON
+    (strict JSON: a head that scores no image, whose accuracy is nan, is left out)."""
     return {
         name: {"accuracy": s.accuracy, "standard_error": s.standard_error, "count": int(s.scored.sum())}
         for name, s in scores.items()
+        if s.scored.any()
     }
 
 
