@@ -20,9 +20,10 @@ Stages, each skipped when its output exists (so a killed run continues where it 
   5. variants (--variants, names of VARIANTS): the t2i stage again with one choice changed (the
      text encoder kept at its random initialisation, or trained first on the captions' labels and
      then frozen or trained on, instead of trained jointly from scratch; SD 2's v-prediction and
-     v-MSE loss, its weighting alone, or SD 1's L_simple, instead of eps with Min-SNR-5; a UNet
-     twice as wide for half the steps; or the recipe itself from another seed; a variant that
-     changes nothing in --t2i_config is refused), each for the recipe's budget in WORKDIR/<name>,
+     v-MSE loss, its weighting alone, its parameterization alone, or SD 1's L_simple, instead of
+     eps with Min-SNR-5; a UNet twice as wide for half the steps; or the recipe itself from
+     another seed; a variant that changes nothing in --t2i_config is refused), each for the
+     recipe's budget in WORKDIR/<name>,
      scored as in 4 with paired per-prompt differences against the recipe's model; kept in
      WORKDIR/variant_<name>.json;
   6. prompt sensitivity of the recipe's model and of each variant: how far one changed word of a
@@ -305,6 +306,9 @@ VARIANTS = {
         "model.train_text_encoder": True,
     },
     "v_prediction": {"model.scheduler.prediction_type": "v_prediction", "model.weighting": "v_mse"},  # SD 2's loss
+    # v predicted, the loss the recipe's (Min-SNR-5 on the x0 scale): the parameterization alone
+    "v_prediction_min_snr": {"model.scheduler.prediction_type": "v_prediction"},
+    "v_prediction_min_snr_seed_1": {"model.scheduler.prediction_type": "v_prediction", "training.seed": 1},
     "min_snr": {"model.weighting": "min_snr"},  # Min-SNR-5 (the recipe's weighting)
     "l_simple": {"model.weighting": "simple"},  # SD 1's L_simple
     "v_mse": {"model.weighting": "v_mse"},  # v_prediction's weighting (1 + 1/SNR) on the eps error, eps predicted
