@@ -22,8 +22,8 @@ Stages, each skipped when its output exists (so a killed run continues where it 
      then frozen or trained on, instead of trained jointly from scratch; SD 2's v-prediction and
      v-MSE loss, its weighting alone, its parameterization alone, or SD 1's L_simple, instead of
      eps with Min-SNR-5; a UNet twice as wide for half the steps; or the recipe itself from
-     another seed; a variant that changes nothing in --t2i_config is refused), each for the
-     recipe's budget in WORKDIR/<name>,
+     another seed; or the recipe trained twice as long; a variant that changes nothing in
+     --t2i_config is refused), each for the recipe's budget (but the last) in WORKDIR/<name>,
      scored as in 4 with paired per-prompt differences against the recipe's model; kept in
      WORKDIR/variant_<name>.json;
   6. prompt sensitivity of the recipe's model and of each variant: how far one changed word of a
@@ -308,7 +308,6 @@ VARIANTS = {
     "v_prediction": {"model.scheduler.prediction_type": "v_prediction", "model.weighting": "v_mse"},  # SD 2's loss
     # v predicted, the loss the recipe's (Min-SNR-5 on the x0 scale): the parameterization alone
     "v_prediction_min_snr": {"model.scheduler.prediction_type": "v_prediction"},
-    "v_prediction_min_snr_seed_1": {"model.scheduler.prediction_type": "v_prediction", "training.seed": 1},
     "min_snr": {"model.weighting": "min_snr"},  # Min-SNR-5 (the recipe's weighting)
     "l_simple": {"model.weighting": "simple"},  # SD 1's L_simple
     "v_mse": {"model.weighting": "v_mse"},  # v_prediction's weighting (1 + 1/SNR) on the eps error, eps predicted
@@ -317,6 +316,10 @@ VARIANTS = {
         "model.unet.block_out_channels": (64, 128),
         "training.num_steps": 4500,
         "optimizer.decay_steps": 4500,
+    },
+    "twice_the_steps": {  # the recipe trained twice as long (beyond the hour): is it compute-bound?
+        "training.num_steps": 18000,
+        "optimizer.decay_steps": 18000,
     },
 }
 
@@ -381,10 +384,10 @@ def pretrained_text_encoder_stage(t2i_config) -> dict:
 
 
 def variants_stage(t2i_config, classifier_path: str) -> dict:
-    """Each variant of --variants trained in WORKDIR/<name> for the recipe's budget, alike in
-    everything but its overrides, scored as the evaluation stage on the same prompts with the same
-    noise, with per-prompt paired differences against the recipe's model (each kept in
-    WORKDIR/variant_<name>.json)."""
+    """Each variant of --variants trained in WORKDIR/<name> (for the recipe's budget unless it
+    changes the budget), alike in everything but its overrides, scored as the evaluation stage on
+    the same prompts with the same noise, with per-prompt paired differences against the recipe's
+    model (each kept in WORKDIR/variant_<name>.json)."""
 
     @functools.cache
     def judged_base():
@@ -518,7 +521,7 @@ def variants_section(variants: dict) -> str:
         for name, variant in variants.items()
     )
     return f"""
-Variants: the latent model trained again for the same budget (steps, or wall time) with one choice changed ({overrides}; a
+Variants: the latent model trained again with one choice changed, for the same budget (steps, or wall time) unless the choice is the budget ({overrides}; a
 folder is relative to WORKDIR),
 everything else alike, scored as above on the same prompts with the same noise; the differences
 from the recipe's model are paired per prompt, +- the standard error of their mean.
