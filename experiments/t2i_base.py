@@ -306,7 +306,7 @@ VARIANTS = {
         "model.train_text_encoder": True,
     },
     "v_prediction": {"model.scheduler.prediction_type": "v_prediction", "model.weighting": "v_mse"},  # SD 2's loss
-    # v predicted, the loss the recipe's (Min-SNR-5 on the x0 scale): the parameterization alone
+    # v predicted under the recipe's loss (Min-SNR-5 on the x0 scale): the parameterization alone
     "v_prediction_min_snr": {"model.scheduler.prediction_type": "v_prediction"},
     "min_snr": {"model.weighting": "min_snr"},  # Min-SNR-5 (the recipe's weighting)
     "l_simple": {"model.weighting": "simple"},  # SD 1's L_simple
