@@ -6,6 +6,11 @@ inherit the environment): many tests compile the same tiny programs (the trainer
 several files, `python -m ddm_jax.main` in subprocesses), and XLA:CPU compilation is most of the
 suite's time. The cache lives in ~/.cache/ddm_jax/jax_compilation_cache unless
 JAX_COMPILATION_CACHE_DIR names another place.
+
+The cache is empty on a fresh machine (CI), so the suite also compiles with XLA's backend
+optimisation level at 0 and LLVM's expensive passes off (JAX_DISABLE_MOST_OPTIMIZATIONS): on 2
+CPU cores that took a cold run from 15.6 to 9.8 minutes; the tests' programs are too small for
+their run time to matter. The miscompile guard compiles its reproduction with them on.
 """
 
 import os
@@ -17,6 +22,7 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import tensorflow_datasets as tfds  # noqa: E402 - after the environment JAX reads on import
 
