@@ -1,5 +1,6 @@
 """Tests of ddm_jax.data: the offline digits builder and the input pipeline."""
 
+import concurrent.futures
 import itertools
 import os
 import time
@@ -12,6 +13,7 @@ from sklearn.datasets import load_digits
 
 from ddm_jax import data
 from ddm_jax.checks import ArgumentError
+from ddm_jax.data import pipeline
 
 
 class UnreachableSource(tfds.core.GeneratorBasedBuilder):
@@ -175,6 +177,19 @@ def test_failed_download_into_a_new_data_dir_removes_it(tmp_path):
     with pytest.raises(ArgumentError, match="preparing it failed"):
         data.dataset_spec("unreachable_source", str(data_dir), download=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_process_waits_for_another_preparing_the_data_dir_and_then_reads_its_dataset(tmp_path):
+    # This test stands for the other process: it holds the lock and prepares digits under it.
+    root = tmp_path / "tfds"
+    with pipeline._preparation_lock(root):
+        waiting = concurrent.futures.ThreadPoolExecutor(1).submit(data.dataset_spec, "digits", str(root))
+        time.sleep(1.0)
+        assert not waiting.done() and not root.exists()
+        tfds.builder("digits", data_dir=str(root)).download_and_prepare()
+        prepared = {path: path.stat().st_mtime_ns for path in root.rglob("*")}
+    assert waiting.result(timeout=120).split_sizes == {"train": 1437, "test": 360}
+    assert {path: path.stat().st_mtime_ns for path in root.rglob("*")} == prepared  # not prepared again
 
 
 def test_train_batches_shapes_dtypes_and_values(data_dir, digits_splits):

@@ -31,7 +31,10 @@ Preparation. The project's own TFDS builders (those of `ddm_jax.data`:
 prepared on first use without a network. Any other TFDS dataset that is not
 prepared is refused at once, naming the data_dir searched and how to prepare
 it, unless `download=True` allows TFDS to download and prepare it; an attempt
-that fails removes the files and folders it created in the data_dir.
+that fails removes the files and folders it created in the data_dir. The processes
+of one host take turns to prepare datasets in a data_dir (a lock file in the
+temp directory), so two commands started together on a fresh machine prepare a
+dataset once.
 
 Downsampled ImageNet cannot be downloaded automatically; it is prepared by hand
 once (`ddm_jax.data.imagenet`). Its held-out split is "validation": pass it as
@@ -40,9 +43,12 @@ once (`ddm_jax.data.imagenet`). Its held-out split is "validation": pass it as
 
 import contextlib
 import dataclasses
+import fcntl
+import hashlib
 import itertools
 import math
 import shutil
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -221,15 +227,7 @@ def _as_spec(
 def _prepared_builder(name: str, data_dir: str | None, download: bool) -> tfds.core.DatasetBuilder:
     """The TFDS builder of `name`, prepared if it is not yet and may be (see the module docstring)."""
     _hide_gpus_from_tensorflow()
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.DatasetNotFoundError as error:
-        raise ArgumentError(
-            "dataset",
-            name,
-            "a TFDS dataset such as 'digits', 'fashion_mnist_debian', 'mnist', 'cifar10' or "
-            "'downsampled_imagenet/32x32', or your own images as 'folder:PATH' or 'npz:PATH'",
-        ) from error
+    builder = _builder(name, data_dir)
     if builder.is_prepared():
         return builder
     if imagenet.is_downsampled_imagenet(builder):
@@ -243,16 +241,33 @@ def _prepared_builder(name: str, data_dir: str | None, download: bool) -> tfds.c
             f"a dataset prepared under {root}, or one that can be prepared there without a network; "
             f"{name!r} is neither. {obstacle}; or pass download=True to download it here",
         )
-    try:
-        with _removing_created_paths_on_failure(root):
-            config = tfds.download.DownloadConfig(try_download_gcs=not _is_own_builder(builder))
-            builder.download_and_prepare(download_config=config)
-    except Exception as error:  # Whatever stops the download or the build.
-        advice = "" if obstacle is None else f" {obstacle}"
-        raise ArgumentError(
-            "dataset", name, f"a dataset that can be prepared under {root}; preparing it failed: {error!r}.{advice}"
-        ) from error
+    with _preparation_lock(root):
+        builder = _builder(name, data_dir)  # another process may have prepared it while this one waited
+        if builder.is_prepared():
+            return builder
+        try:
+            with _removing_created_paths_on_failure(root):
+                config = tfds.download.DownloadConfig(try_download_gcs=not _is_own_builder(builder))
+                builder.download_and_prepare(download_config=config)
+        except Exception as error:  # Whatever stops the download or the build.
+            advice = "" if obstacle is None else f" {obstacle}"
+            raise ArgumentError(
+                "dataset", name, f"a dataset that can be prepared under {root}; preparing it failed: {error!r}.{advice}"
+            ) from error
     return builder
+
+
+def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+    """TFDS's builder of `name` as the data_dir holds it now; an unknown name is refused."""
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except tfds.core.DatasetNotFoundError as error:
+        raise ArgumentError(
+            "dataset",
+            name,
+            "a TFDS dataset such as 'digits', 'fashion_mnist_debian', 'mnist', 'cifar10' or "
+            "'downsampled_imagenet/32x32', or your own images as 'folder:PATH' or 'npz:PATH'",
+        ) from error
 
 
 def _is_own_builder(builder: tfds.core.DatasetBuilder) -> bool:
@@ -271,6 +286,17 @@ def _offline_obstacle(name: str, builder: tfds.core.DatasetBuilder, root: Path) 
         "(the tfds command needs `pip install apache-beam`, tensorflow/datasets#5463) and pass "
         "that directory as data_dir"
     )
+
+
+@contextlib.contextmanager
+def _preparation_lock(root: Path) -> Iterator[None]:
+    """Holds this host's exclusive lock on preparing datasets in data directory `root` (two
+    processes preparing one dataset at once collide on its final folder). The lock file lives in
+    the temp directory, named by a hash of `root`, so nothing is added to the data_dir."""
+    digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"ddm_jax_prepare_{digest}.lock", "w") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)
+        yield
 
 
 @contextlib.contextmanager
