@@ -182,13 +182,14 @@ def test_failed_download_into_a_new_data_dir_removes_it(tmp_path):
 def test_a_process_waits_for_another_preparing_the_data_dir_and_then_reads_its_dataset(tmp_path):
     # This test stands for the other process: it holds the lock and prepares digits under it.
     root = tmp_path / "tfds"
-    with pipeline._preparation_lock(root):
-        waiting = concurrent.futures.ThreadPoolExecutor(1).submit(data.dataset_spec, "digits", str(root))
-        time.sleep(1.0)
-        assert not waiting.done() and not root.exists()
-        tfds.builder("digits", data_dir=str(root)).download_and_prepare()
-        prepared = {path: path.stat().st_mtime_ns for path in root.rglob("*")}
-    assert waiting.result(timeout=120).split_sizes == {"train": 1437, "test": 360}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with pipeline._preparation_lock(root):
+            waiting = pool.submit(data.dataset_spec, "digits", str(root))
+            time.sleep(1.0)
+            assert not waiting.done() and not root.exists()
+            tfds.builder("digits", data_dir=str(root)).download_and_prepare()
+            prepared = {path: path.stat().st_mtime_ns for path in root.rglob("*")}
+        assert waiting.result(timeout=120).split_sizes == {"train": 1437, "test": 360}
     assert {path: path.stat().st_mtime_ns for path in root.rglob("*")} == prepared  # not prepared again
 
 
