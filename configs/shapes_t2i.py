@@ -64,6 +64,7 @@ def get_config():
     config.model.weighting = "min_snr"  # the loss: min_snr (Min-SNR-5) | simple (SD 1's L_simple) | v_mse (SD 2's)
     config.model.prompt_dropout = 0.1  # probability of training on the empty prompt (guidance)
     config.model.train_text_encoder = True  # False: the text encoder stays at its initialisation
+    config.model.text_encoder_lr_scale = 1.0  # its learning rate as a multiple of optimizer.lr
     # A diffusers text_encoder (its config model.text_encoder's) to start from; None: random.
     config.model.text_encoder_folder = ml_collections.config_dict.placeholder(str)
 

@@ -19,7 +19,8 @@ Stages, each skipped when its output exists (so a killed run continues where it 
      columns: seeds); kept in WORKDIR/evaluation.json;
   5. variants (--variants, names of VARIANTS): the t2i stage again with one choice changed (the
      text encoder kept at its random initialisation, or trained first on the captions' labels and
-     then frozen or trained on, instead of trained jointly from scratch; SD 2's v-prediction and
+     then frozen or trained on, instead of trained jointly from scratch; trained jointly at a tenth
+     of the UNet's learning rate; SD 2's v-prediction and
      v-MSE loss, its weighting alone, its parameterization alone, or SD 1's L_simple, instead of
      eps with Min-SNR-5; a UNet twice as wide for half the steps; or the recipe itself from
      another seed; or the recipe trained twice as long; a variant that changes nothing in
@@ -305,6 +306,8 @@ VARIANTS = {
         TEXT_ENCODER_FOLDER: PRETRAINED_TEXT_ENCODER,
         "model.train_text_encoder": True,
     },
+    # trained jointly at a tenth of the UNet's learning rate (a random frozen encoder keeps position)
+    "text_encoder_slow": {"model.text_encoder_lr_scale": 0.1},
     "v_prediction": {"model.scheduler.prediction_type": "v_prediction", "model.weighting": "v_mse"},  # SD 2's loss
     # v predicted under the recipe's loss (Min-SNR-5 on the x0 scale): the parameterization alone
     "v_prediction_min_snr": {"model.scheduler.prediction_type": "v_prediction"},

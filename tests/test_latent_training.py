@@ -123,21 +123,45 @@ def test_prompt_dropout_trains_on_the_empty_prompt_under_jit(runs, tmp_path):
     assert not np.allclose(loss(params, rng, batch, prompt_dropout=0.0), loss(params, rng, empty, prompt_dropout=0.0))
 
 
+def first_step(config, workdir):
+    """The parameters before and after one train step from the run's initial state, and its loss."""
+    config.optimizer.warmup_steps = 0  # the first step moves the parameters
+    experiment = Experiment(config, workdir)
+    state = experiment.initial_state()
+    before = jax.device_get(state.params)  # the step donates the state's buffers
+    batch = next(experiment.task.train_batches(0))
+    batch = shard_batch({key: value[None] for key, value in batch.items()}, experiment.mesh, leading_axes=1)
+    state, metrics = experiment.train_steps(state, batch, experiment.rng)
+    return before, jax.device_get(state.params), float(metrics["loss"][0])
+
+
 def test_a_frozen_text_encoder_stays_at_its_initialisation(runs, tmp_path):
     data_dir, vae_result, _, _ = runs
     config = tiny_t2i_config(data_dir, os.path.dirname(vae_result["vae"]))
     config.model.train_text_encoder = False
-    config.optimizer.warmup_steps = 0  # the first step moves the parameters
-    experiment = Experiment(config, str(tmp_path))
-    state = experiment.initial_state()
-    before = jax.device_get(state.params)
-    batches = experiment.task.train_batches(0)
-    batch = shard_batch({key: value[None] for key, value in next(batches).items()}, experiment.mesh, leading_axes=1)
-    state, metrics = experiment.train_steps(state, batch, experiment.rng)
-    after = jax.device_get(state.params)
+    before, after, loss = first_step(config, str(tmp_path))
     jax.tree.map(np.testing.assert_array_equal, before["text_encoder"], after["text_encoder"])
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), before["unet"], after["unet"]))
-    assert any(changed) and np.isfinite(float(metrics["loss"][0]))
+    assert any(changed) and np.isfinite(loss)
+
+
+def test_the_text_encoder_moves_text_encoder_lr_scale_times_as_far_as_at_the_unets_rate(runs, tmp_path):
+    """Both runs take the same gradients on their first step, so the text encoder's update at scale
+    0.1 is a tenth of its update at 1, and the UNet's is the same (to the float32 rounding of the
+    parameters, 3e-7 against updates of about 1e-4)."""
+    data_dir, vae_result, _, _ = runs
+    steps = {}
+    for scale in (1.0, 0.1):
+        config = tiny_t2i_config(data_dir, os.path.dirname(vae_result["vae"]))
+        config.model.text_encoder_lr_scale = scale
+        before, after, _ = first_step(config, str(tmp_path / str(scale)))
+        steps[scale] = jax.tree.map(lambda a, b: np.asarray(b, np.float64) - a, before, after)
+    tenth = jax.tree.map(lambda full: 0.1 * full, steps[1.0]["text_encoder"])
+    jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, atol=3e-7), steps[0.1]["text_encoder"], tenth)
+    jax.tree.map(
+        lambda got, want: np.testing.assert_allclose(got, want, atol=3e-7), steps[0.1]["unet"], steps[1.0]["unet"]
+    )
+    assert max(np.abs(leaf).max() for leaf in jax.tree.leaves(steps[1.0]["text_encoder"])) > 1e-4
 
 
 def test_min_snr_weighting_scales_each_example_by_min_of_one_and_5_over_snr(runs, tmp_path):
@@ -159,11 +183,17 @@ def test_min_snr_weighting_scales_each_example_by_min_of_one_and_5_over_snr(runs
     assert (snr > 5).any() and (snr < 5).any()
 
 
-def test_an_unknown_weighting_is_refused_before_anything_is_built(runs, tmp_path):
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("weighting", "l2", "model.weighting='l2': expected one of ('elbo', 'simple', 'min_snr', 'v_mse')"),
+        ("text_encoder_lr_scale", 0.0, "model.text_encoder_lr_scale=0.0: expected a multiple > 0 of optimizer.lr"),
+    ],
+)
+def test_a_bad_model_field_is_refused_before_anything_is_built(runs, tmp_path, field, value, expected):
     data_dir, vae_result, _, _ = runs
     config = tiny_t2i_config(data_dir, os.path.dirname(vae_result["vae"]))
-    config.model.weighting = "l2"
-    expected = "model.weighting='l2': expected one of ('elbo', 'simple', 'min_snr', 'v_mse')"
+    config.model[field] = value
     with pytest.raises(ValueError, match=re.escape(expected)):
         Experiment(config, str(tmp_path))
     assert not os.listdir(tmp_path)

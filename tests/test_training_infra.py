@@ -108,6 +108,29 @@ def test_gradient_clipping_engages_above_the_limit():
     np.testing.assert_allclose(loose, unclipped, rtol=1e-5)
 
 
+def test_learning_rate_scales_scale_each_part_and_clip_on_the_trained_parts_norm():
+    """Parts "fast" and "slow" follow AdamW at 1 and 0.25 times the schedule, clipped together on
+    their global norm (numpy reference on their concatenation); "frozen", whose gradient alone is far
+    above the limit, neither moves nor counts in the norm."""
+    cfg = optimizer_config(eps=1.0, grad_clip_norm=0.5, weight_decay=0.3)
+    optimizer = make_optimizer(cfg, {"fast": 1.0, "slow": 0.25, "frozen": 0.0})
+    params = {"fast": jnp.asarray(START[:2]), "slow": jnp.asarray(START[2:]), "frozen": jnp.ones(3)}
+
+    def grads(params):
+        trained = jax_quadratic_grad(jnp.concatenate([params["fast"], params["slow"]]))
+        return {"fast": trained[:2], "slow": trained[2:], "frozen": jnp.full(3, 100.0)}
+
+    state = optimizer.init(params)
+    for _ in range(3):
+        updates, state = optimizer.update(grads(params), state, params)
+        params = optax.apply_updates(params, updates)
+    lr = 0.1 * np.array([1.0, 1.0, 0.25, 0.25])
+    want = numpy_adamw(START, quadratic_grad, [lr] * 3, b1=0.9, b2=0.99, eps=1.0, weight_decay=0.3, clip_norm=0.5)
+    np.testing.assert_allclose(np.concatenate([params["fast"], params["slow"]]), want, rtol=1e-5)
+    np.testing.assert_array_equal(params["frozen"], np.ones(3))
+    assert np.linalg.norm(quadratic_grad(START)) > 0.5
+
+
 @pytest.mark.parametrize(
     "field, overrides",
     [

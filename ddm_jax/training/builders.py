@@ -224,6 +224,13 @@ def build_latent_diffusion(model: ml_collections.ConfigDict) -> tuple[LatentDiff
     with config_fields("model"):
         check_interval("prompt_dropout", model.prompt_dropout, 0.0, 1.0)
         check_choice("weighting", model.weighting, WEIGHTINGS)
+        text_encoder_lr_scale = model.get("text_encoder_lr_scale", 1.0)
+        check(
+            text_encoder_lr_scale > 0,
+            "text_encoder_lr_scale",
+            text_encoder_lr_scale,
+            "a multiple > 0 of optimizer.lr (train_text_encoder=False freezes the text encoder)",
+        )
         latent_diffusion = LatentDiffusion(
             text_encoder=text_encoder,
             unet=unet,

@@ -41,7 +41,7 @@ class Experiment:
         self.mesh = make_mesh()
         self.rng = jax.random.PRNGKey(config.training.seed)
         self.task = build_task(config, self.mesh, self.rng, self.workdir)
-        self.optimizer = make_optimizer(config.optimizer, getattr(self.task, "trainable_mask", None))
+        self.optimizer = make_optimizer(config.optimizer, getattr(self.task, "learning_rate_scales", None))
         state_sharding = replicated(self.mesh)
         self.train_steps = jax.jit(
             functools.partial(train_steps, self.task.loss_fn, self.optimizer, config.training.ema_decay),

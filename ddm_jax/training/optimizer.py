@@ -61,17 +61,39 @@ def learning_rate_fn(cfg: ml_collections.ConfigDict) -> Callable[[jnp.ndarray], 
     return learning_rate
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, trainable=None) -> optax.GradientTransformation:
+def make_optimizer(cfg: ml_collections.ConfigDict, learning_rate_scales=None) -> optax.GradientTransformation:
     """clip_by_global_norm (when grad_clip_norm > 0) followed by AdamW on the schedule.
 
-    trainable: None, or a function params -> a tree of bools; leaves marked False are frozen: the
-    optimizer neither updates them nor keeps moments for them (optax.multi_transform).
+    learning_rate_scales: None (every parameter follows the schedule), or {part: multiple} for
+    parameters that are a dict of parts: each part's learning rate is that multiple of the
+    schedule's (AdamW's whole update scaled, weight decay included). A part at 0 is frozen: the
+    optimizer neither updates it nor keeps moments for it (optax.multi_transform), and clipping
+    acts on the global norm of the trained parts' gradients. Multiples other than 0 and 1 add a
+    stateless scaling, so the state of an optimizer without them keeps its structure.
     """
     adamw = optax.adamw(
         learning_rate=learning_rate_fn(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay
     )
     optimizer = adamw if not cfg.grad_clip_norm else optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adamw)
-    if trainable is None:
+    if learning_rate_scales is None:
         return optimizer
-    labels = lambda params: jax.tree.map(lambda train: "train" if train else "freeze", trainable(params))
-    return optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
+
+    def labels(params):
+        return {
+            part: jax.tree.map(lambda _: "train" if learning_rate_scales[part] else "freeze", tree)
+            for part, tree in params.items()
+        }
+
+    optimizer = optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
+    multiples = {part: multiple for part, multiple in learning_rate_scales.items() if multiple not in (0, 1)}
+    if not multiples:
+        return optimizer
+
+    def scale_parts(updates, params=None):
+        del params
+        return {
+            part: jax.tree.map(lambda u, m=multiples[part]: m * u, tree) if part in multiples else tree
+            for part, tree in updates.items()
+        }
+
+    return optax.chain(optimizer, optax.stateless(scale_parts))

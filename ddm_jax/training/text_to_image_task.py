@@ -9,8 +9,8 @@ timesteps n = 1..N-1 (T = N - 1) with the weighting `model.weighting`: "simple",
 Diffusion 1 was trained, "v_mse" (SD 2's loss with prediction_type "v_prediction"), or "min_snr"
 (Hang et al. 2023; `diffusion.WEIGHTINGS`). The text
 encoder starts from its random initialisation or from a pretrained one (`text_encoder_folder`),
-and is trained jointly or kept frozen (`train_text_encoder`); frozen parameters stay in the state
-but the optimizer leaves them alone.
+and is trained jointly, at `text_encoder_lr_scale` times the UNet's learning rate, or kept frozen
+(`train_text_encoder`); frozen parameters stay in the state but the optimizer leaves them alone.
 Evaluation reports the loss on held-out examples; samples are guided generations of held-out
 prompts; `export` writes the whole model as a diffusers folder (the task interface is described in
 training/vdm_task.py).
@@ -35,9 +35,11 @@ from ddm_jax.training.sharding import batch_sharded, replicate
 CAPTION = "caption"
 
 
-def trained_parts(train_text_encoder: bool) -> tuple[str, ...]:
-    """The parameter groups the optimizer updates."""
-    return ("text_encoder", "unet") if train_text_encoder else ("unet",)
+def learning_rate_scales(model: ml_collections.ConfigDict) -> dict:
+    """Each part's learning rate as a multiple of the optimizer's: the UNet's 1, the text encoder's
+    `text_encoder_lr_scale` (default 1) when `train_text_encoder`, else 0 (frozen)."""
+    text_encoder = model.get("text_encoder_lr_scale", 1.0) if model.train_text_encoder else 0.0
+    return {"text_encoder": text_encoder, "unet": 1.0}
 
 
 class TextToImageTask:
@@ -60,7 +62,7 @@ class TextToImageTask:
         self.vae_params = replicate(vae_params, mesh)
         self.text_encoder_params = text_encoder_params
         self.prompt_dropout = config.model.prompt_dropout
-        self.trainable = trained_parts(config.model.train_text_encoder)
+        self.learning_rate_scales = learning_rate_scales(config.model)
         self.null_tokens = jnp.asarray(model.tokenize([""]))
         self.encode = jax.jit(lambda vae_params, x: model.vae.apply({"params": vae_params}, x, method="encode"))
         self.eval_loss = jax.jit(functools.partial(self.per_example_loss, prompt_dropout=0.0))
@@ -79,10 +81,6 @@ class TextToImageTask:
         if self.text_encoder_params is not None:
             params["text_encoder"] = self.text_encoder_params
         return params
-
-    def trainable_mask(self, params):
-        """True for the leaves the optimizer updates (`train_text_encoder`)."""
-        return {name: jax.tree.map(lambda _: name in self.trainable, tree) for name, tree in params.items()}
 
     def encoded_split(self, split: str) -> dict:
         """A split as the training step takes it: posterior means and log-variances of its images
@@ -129,7 +127,7 @@ class TextToImageTask:
         dropped = per_example_uniform(rng_dropout, mean.shape[0], rows) < prompt_dropout
         tokens = jnp.where(dropped[:, None], self.null_tokens, batch["tokens"])
         text_params = params["text_encoder"]
-        if "text_encoder" not in self.trainable:
+        if not self.learning_rate_scales["text_encoder"]:
             text_params = jax.lax.stop_gradient(text_params)
         context = self.model.encode_prompts(text_params, tokens)
         loss = diffusion_loss(

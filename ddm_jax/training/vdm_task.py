@@ -5,7 +5,8 @@ A task is what `Experiment` needs of a model to train, evaluate and sample it on
   (training/steps.py);  train_batches(start_step) -> this process's batches;
   evaluate(params) -> {name: value};  samples(params, name) -> {"grid", "png", ...};
   export(params, directory) -> {name: path};  spec, the dataset's DatasetSpec; and optionally
-  trainable_mask(params) -> a tree of bools, False for the frozen leaves the optimizer leaves alone.
+  learning_rate_scales, {part: multiple} of the learning rate for parameters that are a dict of parts
+  (0: frozen; `optimizer.make_optimizer`).
 Tasks are built by the builder layer (`builders.build_task`) and belong to it: they read their
 config's sections.
 """
