@@ -23,7 +23,7 @@ from ddm_jax.models.layers import compute_dtype
 from ddm_jax.models.vdm import VDM
 from ddm_jax.training.autoencoder_task import AutoencoderTask
 from ddm_jax.training.optimizer import validate_optimizer_config
-from ddm_jax.training.text_to_image_task import TextToImageTask
+from ddm_jax.training.text_to_image_task import TextToImageTask, text_encoder_lr_scale
 from ddm_jax.training.vdm_task import BETA_SCHEDULES, VDMTask, model_architecture
 
 LEARNED_SCHEDULES = ("learned_linear", "learned_monotone")
@@ -224,11 +224,10 @@ def build_latent_diffusion(model: ml_collections.ConfigDict) -> tuple[LatentDiff
     with config_fields("model"):
         check_interval("prompt_dropout", model.prompt_dropout, 0.0, 1.0)
         check_choice("weighting", model.weighting, WEIGHTINGS)
-        text_encoder_lr_scale = model.get("text_encoder_lr_scale", 1.0)
         check(
-            text_encoder_lr_scale > 0,
+            text_encoder_lr_scale(model) > 0,
             "text_encoder_lr_scale",
-            text_encoder_lr_scale,
+            text_encoder_lr_scale(model),
             "a multiple > 0 of optimizer.lr (train_text_encoder=False freezes the text encoder)",
         )
         latent_diffusion = LatentDiffusion(

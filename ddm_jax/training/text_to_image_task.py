@@ -35,11 +35,15 @@ from ddm_jax.training.sharding import batch_sharded, replicate
 CAPTION = "caption"
 
 
+def text_encoder_lr_scale(model: ml_collections.ConfigDict) -> float:
+    """`model.text_encoder_lr_scale`; 1 for the configs saved before the field existed."""
+    return model.get("text_encoder_lr_scale", 1.0)
+
+
 def learning_rate_scales(model: ml_collections.ConfigDict) -> dict:
     """Each part's learning rate as a multiple of the optimizer's: the UNet's 1, the text encoder's
-    `text_encoder_lr_scale` (default 1) when `train_text_encoder`, else 0 (frozen)."""
-    text_encoder = model.get("text_encoder_lr_scale", 1.0) if model.train_text_encoder else 0.0
-    return {"text_encoder": text_encoder, "unet": 1.0}
+    `text_encoder_lr_scale` when `train_text_encoder`, else 0 (frozen)."""
+    return {"text_encoder": text_encoder_lr_scale(model) if model.train_text_encoder else 0.0, "unet": 1.0}
 
 
 class TextToImageTask:
