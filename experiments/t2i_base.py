@@ -20,13 +20,13 @@ Stages, each skipped when its output exists (so a killed run continues where it 
   5. variants (--variants, names of VARIANTS): the t2i stage again with one choice changed (the
      text encoder kept at its random initialisation, or trained first on the captions' labels and
      then frozen or trained on, instead of trained jointly from scratch; trained jointly at a tenth
-     of the UNet's learning rate; SD 2's v-prediction and
-     v-MSE loss, its weighting alone, its parameterization alone, or SD 1's L_simple, instead of
-     eps with Min-SNR-5; a UNet twice as wide for half the steps; or the recipe itself from
-     another seed; or the recipe trained twice as long; a variant that changes nothing in
-     --t2i_config is refused), each for the recipe's budget (but the last) in WORKDIR/<name>,
-     scored as in 4 with paired per-prompt differences against the recipe's model; kept in
-     WORKDIR/variant_<name>.json;
+     or three times the UNet's learning rate; the whole model at twice the learning rate; SD 2's
+     v-prediction and v-MSE loss, its weighting alone, its parameterization alone, or SD 1's
+     L_simple, instead of eps with Min-SNR-5; a UNet twice as wide for half the steps; or the
+     recipe itself from another seed; or the recipe trained twice as long; a variant that changes
+     nothing in --t2i_config is refused), each for the recipe's budget (but the last) in
+     WORKDIR/<name>, scored as in 4 with paired per-prompt differences against the recipe's model;
+     kept in WORKDIR/variant_<name>.json;
   6. prompt sensitivity of the recipe's model and of each variant: how far one changed word of a
      prompt moves the predicted clean latent, per attribute and noise level.
 Writes experiments/results/t2i_base.{md,json} and t2i_base_prompt_*.png; reading notes below
@@ -308,6 +308,9 @@ VARIANTS = {
     },
     # trained jointly at a tenth of the UNet's learning rate (a random frozen encoder keeps position)
     "text_encoder_slow": {"model.text_encoder_lr_scale": 0.1},
+    # three times the UNet's learning rate (the slow one lost shape and colour: does a fast one gain?)
+    "text_encoder_fast": {"model.text_encoder_lr_scale": 3.0},
+    "twice_the_lr": {"optimizer.lr": 2e-3},  # both parts at twice the recipe's peak learning rate
     "v_prediction": {"model.scheduler.prediction_type": "v_prediction", "model.weighting": "v_mse"},  # SD 2's loss
     # v predicted under the recipe's loss (Min-SNR-5 on the x0 scale): the parameterization alone
     "v_prediction_min_snr": {"model.scheduler.prediction_type": "v_prediction"},
