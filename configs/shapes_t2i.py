@@ -70,7 +70,7 @@ def get_config():
 
     config.optimizer = ml_collections.ConfigDict(
         dict(
-            lr=1e-3,  # peak learning rate
+            lr=2e-3,  # peak learning rate (1e-3 until 2026-12-02: shape 0.43 against 0.63, t2i_base_lr)
             warmup_steps=500,  # linear warmup from 0
             b1=0.9,  # AdamW moments
             b2=0.99,
