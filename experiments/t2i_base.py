@@ -20,10 +20,10 @@ Stages, each skipped when its output exists (so a killed run continues where it 
   5. variants (--variants, names of VARIANTS): the t2i stage again with one choice changed (the
      text encoder kept at its random initialisation, or trained first on the captions' labels and
      then frozen or trained on, instead of trained jointly from scratch; trained jointly at a tenth
-     or three times the UNet's learning rate; the whole model at 2e-3, twice the old recipe's; SD 2's
-     v-prediction and v-MSE loss, its weighting alone, its parameterization alone, or SD 1's
-     L_simple, instead of eps with Min-SNR-5; a UNet twice as wide for half the steps; or the
-     recipe itself from another seed; or the recipe trained twice as long; a variant that changes
+     or three times the UNet's learning rate; the whole model at 2e-3 (the old recipe's twice) or
+     4e-3; SD 2's v-prediction and v-MSE loss, its weighting alone, its parameterization alone, or
+     SD 1's L_simple, instead of eps with Min-SNR-5; a UNet twice as wide for half the steps; or
+     the recipe itself from another seed; or the recipe trained twice as long; a variant that changes
      nothing in --t2i_config is refused), each for the recipe's budget (but the last) in
      WORKDIR/<name>, scored as in 4 with paired per-prompt differences against the recipe's model;
      kept in WORKDIR/variant_<name>.json;
@@ -312,6 +312,7 @@ VARIANTS = {
     # both parts at twice the peak learning rate of the recipe until 2026-12-02, now the recipe's
     # (compare with the old one: --t2i_config.optimizer.lr=1e-3 --variants=twice_the_lr)
     "twice_the_lr": {"optimizer.lr": 2e-3},
+    "lr_4e-3": {"optimizer.lr": 4e-3},  # twice the recipe's peak learning rate: does a higher one help further?
     "v_prediction": {"model.scheduler.prediction_type": "v_prediction", "model.weighting": "v_mse"},  # SD 2's loss
     # v predicted under the recipe's loss (Min-SNR-5 on the x0 scale): the parameterization alone
     "v_prediction_min_snr": {"model.scheduler.prediction_type": "v_prediction"},
