@@ -224,10 +224,11 @@ def build_latent_diffusion(model: ml_collections.ConfigDict) -> tuple[LatentDiff
     with config_fields("model"):
         check_interval("prompt_dropout", model.prompt_dropout, 0.0, 1.0)
         check_choice("weighting", model.weighting, WEIGHTINGS)
+        lr_scale = text_encoder_lr_scale(model)
         check(
-            text_encoder_lr_scale(model) > 0,
+            lr_scale > 0,
             "text_encoder_lr_scale",
-            text_encoder_lr_scale(model),
+            lr_scale,
             "a multiple > 0 of optimizer.lr (train_text_encoder=False freezes the text encoder)",
         )
         latent_diffusion = LatentDiffusion(
