@@ -16,7 +16,7 @@ Stages, each skipped when its output exists (so a killed run continues where it 
      colour, position and count (the stand-in for CLIP score), and the Frechet distance of the
      classifier's features against the train split (the stand-in for FID); every score also apart
      for the one- and the two-object prompts; a PNG grid per showcase prompt (rows: scales,
-     columns: seeds); kept in WORKDIR/evaluation.json;
+     columns: seeds); kept in WORKDIR (evaluation.json and the grids);
   5. variants (--variants, names of VARIANTS): the t2i stage again with one choice changed (the
      text encoder kept at its random initialisation, or trained first on the captions' labels and
      then frozen or trained on, instead of trained jointly from scratch; trained jointly at a tenth
@@ -243,7 +243,8 @@ def restored(config, stage: str):
 
 
 def evaluation_stage(t2i_config, classifier_path: str) -> dict:
-    """Scores and Frechet distances at every guidance scale; showcase grids (kept in WORKDIR/EVALUATION)."""
+    """Scores and Frechet distances at every guidance scale (kept in WORKDIR/EVALUATION); showcase grids
+    (PNGs in WORKDIR, copied to --results with the report)."""
 
     def evaluate():
         start = time.time()
@@ -263,9 +264,12 @@ def evaluation_stage(t2i_config, classifier_path: str) -> dict:
                 )
                 for scale in FLAGS.scales
             ]
-            path = os.path.join(FLAGS.results, f"t2i_base_prompt_{index}.png")
-            save_png(path, upscale_nearest(image_grid(np.concatenate(grid_rows), ncols=FLAGS.showcase_seeds)))
-            showcase.append({"prompt": prompt, "png": os.path.basename(path)})
+            png = f"t2i_base_prompt_{index}.png"
+            save_png(
+                os.path.join(FLAGS.workdir, png),
+                upscale_nearest(image_grid(np.concatenate(grid_rows), ncols=FLAGS.showcase_seeds)),
+            )
+            showcase.append({"prompt": prompt, "png": png})
         record_time("evaluation", time.time() - start)
         return {
             "step": step,
@@ -545,6 +549,8 @@ def write_report(record: dict) -> None:
     stem = os.path.join(FLAGS.results, "t2i_base")
     with open(f"{stem}.json", "w") as file:
         json.dump(record, file, indent=2)
+    for item in record["evaluation"]["showcase"]:
+        shutil.copy(os.path.join(FLAGS.workdir, item["png"]), FLAGS.results)
     table = scale_rows(record["evaluation"]["rows"])
     ceiling_rows = "\n".join(
         f"| {name.replace('_', ' ')} | {accuracy_cells(ceiling['scores'])} | |"
