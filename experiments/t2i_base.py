@@ -242,6 +242,15 @@ def restored(config, stage: str):
     return step, experiment.task, state.ema_params
 
 
+def grids_of_cached_evaluation() -> list[str]:
+    """The showcase PNGs WORKDIR/EVALUATION names, or [] when it is not computed yet."""
+    path = os.path.join(FLAGS.workdir, EVALUATION)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as file:
+        return [os.path.join(FLAGS.workdir, item["png"]) for item in json.load(file)["showcase"]]
+
+
 def evaluation_stage(t2i_config, classifier_path: str) -> dict:
     """Scores and Frechet distances at every guidance scale (kept in WORKDIR/EVALUATION); showcase grids
     (PNGs in WORKDIR, copied to --results with the report)."""
@@ -606,6 +615,13 @@ def main(argv):
     for name in FLAGS.variants:
         check_choice("--variants", name, VARIANTS)
         check(changes_recipe(FLAGS.t2i_config, name), "--variants", name, "a variant that changes --t2i_config")
+    missing = [path for path in grids_of_cached_evaluation() if not os.path.isfile(path)]
+    check(
+        not missing,
+        "--workdir",
+        FLAGS.workdir,
+        f"the grids its {EVALUATION} names ({missing}); delete it to evaluate again",
+    )
     os.makedirs(FLAGS.results, exist_ok=True)  # before hours of training, not after them
     vae_config = FLAGS.vae_config
     vae = train_stage("vae", vae_config)
