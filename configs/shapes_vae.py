@@ -1,7 +1,7 @@
 """Stage 1 of the shapes text-to-image base: Stable Diffusion's AutoencoderKL on shapes/32.
 
-32x32x3 images to 8x8x4 latents, trained on the beta-weighted ELBO (a Gaussian decoder of fixed
-standard deviation, beta times the KL to N(0, I)). At the end the VAE is written as a diffusers
+32x32x3 images to 8x8x4 latents, trained on the beta-weighted ELBO (a Gaussian or Laplace decoder
+of fixed standard deviation, beta times the KL to N(0, I)). At the end the VAE is written as a diffusers
 folder, WORKDIR/export/step_N/vae, with its scaling_factor set from the training latents; stage 2
 (configs/shapes_t2i.py) reads it. experiments/t2i_base.py runs both stages.
 
@@ -34,7 +34,8 @@ def get_config():
             sample_size=32,  # image size
         )
     )
-    config.model.decoder_std = 0.05  # std of the Gaussian decoder on [-1, 1]: 6.4 of 255 levels
+    config.model.decoder_likelihood = "gaussian"  # gaussian | laplace (LDM's L1): p(x | decode(z))
+    config.model.decoder_std = 0.05  # std of the decoder on [-1, 1]: 6.4 of 255 levels
     config.model.beta = 0.01  # weight of the KL in the loss (1: the ELBO)
 
     config.optimizer = ml_collections.ConfigDict(

@@ -184,15 +184,24 @@ def test_min_snr_weighting_scales_each_example_by_min_of_one_and_5_over_snr(runs
 
 
 @pytest.mark.parametrize(
-    "field, value, expected",
+    "stage, field, value, expected",
     [
-        ("weighting", "l2", "model.weighting='l2': expected one of ('elbo', 'simple', 'min_snr', 'v_mse')"),
-        ("text_encoder_lr_scale", 0.0, "model.text_encoder_lr_scale=0.0: expected a multiple > 0 of optimizer.lr"),
+        ("t2i", "weighting", "l2", "model.weighting='l2': expected one of ('elbo', 'simple', 'min_snr', 'v_mse')"),
+        (
+            "t2i",
+            "text_encoder_lr_scale",
+            0.0,
+            "model.text_encoder_lr_scale=0.0: expected a multiple > 0 of optimizer.lr",
+        ),
+        ("vae", "decoder_likelihood", "l1", "model.decoder_likelihood='l1': expected one of ('gaussian', 'laplace')"),
     ],
 )
-def test_a_bad_model_field_is_refused_before_anything_is_built(runs, tmp_path, field, value, expected):
+def test_a_bad_model_field_is_refused_before_anything_is_built(runs, tmp_path, stage, field, value, expected):
     data_dir, vae_result, _, _ = runs
-    config = tiny_t2i_config(data_dir, os.path.dirname(vae_result["vae"]))
+    if stage == "vae":
+        config = tiny_vae_config(data_dir)
+    else:
+        config = tiny_t2i_config(data_dir, os.path.dirname(vae_result["vae"]))
     config.model[field] = value
     with pytest.raises(ValueError, match=re.escape(expected)):
         Experiment(config, str(tmp_path))

@@ -26,15 +26,25 @@ def params_and_images():
     return params, x
 
 
-def test_terms_equal_reconstruction_plus_beta_kl_computed_independently(params_and_images):
+DECODER_LOGPDF = {  # scipy's densities of standard deviation `std`, independent of the package's
+    "gaussian": lambda x, x_hat, std: stats.norm.logpdf(x, x_hat, std),
+    "laplace": lambda x, x_hat, std: stats.laplace.logpdf(x, x_hat, std / np.sqrt(2)),
+}
+
+
+@pytest.mark.parametrize("likelihood", sorted(DECODER_LOGPDF))
+def test_terms_equal_reconstruction_plus_beta_kl_computed_independently(params_and_images, likelihood):
     params, x = params_and_images
     rng, decoder_std, beta = jax.random.PRNGKey(2), 0.1, 0.25
-    terms = jax.jit(lambda p, x: vae_terms(VAE, p, rng, x, decoder_std=decoder_std, beta=beta))(params, x)
+    terms = jax.jit(
+        lambda p, x: vae_terms(VAE, p, rng, x, decoder_std=decoder_std, beta=beta, decoder_likelihood=likelihood)
+    )(params, x)
     mean, logvar = (np.asarray(a, np.float64) for a in VAE.apply({"params": params}, x, method="encode"))
     eps = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(rng, b), mean.shape[1:])) for b in range(3)])
     z = mean + np.exp(logvar / 2) * eps.astype(np.float64)  # example b's noise: normal(fold_in(rng, b))
     x_hat = np.asarray(VAE.apply({"params": params}, jnp.asarray(z, jnp.float32), method="decode"), np.float64)
-    reconstruction = -stats.norm.logpdf(np.asarray(x, np.float64), x_hat, decoder_std).reshape(3, -1).sum(-1)
+    log_likelihood = DECODER_LOGPDF[likelihood](np.asarray(x, np.float64), x_hat, decoder_std)
+    reconstruction = -log_likelihood.reshape(3, -1).sum(-1)
     closed_kl = 0.5 * (np.exp(logvar) + mean**2 - 1 - logvar).reshape(3, -1).sum(-1)  # independent of gaussian_kl
     np.testing.assert_allclose(terms["reconstruction"], reconstruction, rtol=1e-4)
     np.testing.assert_allclose(terms["kl"], closed_kl, rtol=1e-4, atol=1e-5)

@@ -223,19 +223,42 @@ def gaussian_nll(x: jax.Array, x_hat: jax.Array, decoder_std: float) -> jax.Arra
     return nll.reshape(nll.shape[0], -1).sum(-1)
 
 
+def laplace_nll(x: jax.Array, x_hat: jax.Array, decoder_std: float) -> jax.Array:
+    """-log Laplace(x; x_hat, b) with scale b = decoder_std / sqrt(2) (standard deviation decoder_std)
+    summed over dimensions, per example: [B] nats; the L1 reconstruction of LDM's autoencoder
+    (Rombach et al., 2022) as a likelihood."""
+    scale = decoder_std / jnp.sqrt(2.0)
+    nll = jnp.abs(x - x_hat) / scale + jnp.log(2.0 * scale)
+    return nll.reshape(nll.shape[0], -1).sum(-1)
+
+
+DECODER_NLL = {"gaussian": gaussian_nll, "laplace": laplace_nll}  # config.model.decoder_likelihood
+
+
 def vae_terms(
-    vae: AutoencoderKL, params, rng: jax.Array, x: jax.Array, *, decoder_std: float, beta: float, rows=None
+    vae: AutoencoderKL,
+    params,
+    rng: jax.Array,
+    x: jax.Array,
+    *,
+    decoder_std: float,
+    beta: float,
+    decoder_likelihood: str = "gaussian",
+    rows=None,
 ) -> dict:
     """The VAE's per-example terms (Kingma & Welling 2014; beta-VAE, Higgins et al. 2017), [B] nats:
 
-    reconstruction = -log N(x; decode(z), decoder_std^2 I) with z = mean + exp(logvar / 2) eps,
+    reconstruction = -log p(x | decode(z)) with z = mean + exp(logvar / 2) eps,
     kl = KL(q(z | x) || N(0, I)), elbo = reconstruction + kl (the negative ELBO),
     loss = reconstruction + beta kl (beta < 1 trades the prior's fit for reconstructions).
     x: images in [-1, 1], [B, H, W, C]; example b's eps is normal(fold_in(rng, rows[b]))
     (`diffusion.per_example_normal`), so a shard of a batch draws what the whole batch would.
+    decoder_likelihood: p(x | x_hat), "gaussian" (N(x_hat, decoder_std^2 I)) or "laplace" (of the
+    same standard deviation; `laplace_nll`).
     """
     mean, logvar = vae.apply({"params": params}, x, method="encode")
     z = mean + jnp.exp(0.5 * logvar) * per_example_normal(rng, mean.shape, rows)
     x_hat = vae.apply({"params": params}, z, method="decode")
-    reconstruction, kl = gaussian_nll(x, x_hat, decoder_std), gaussian_kl(mean, logvar)
+    reconstruction = DECODER_NLL[decoder_likelihood](x, x_hat, decoder_std)
+    kl = gaussian_kl(mean, logvar)
     return {"reconstruction": reconstruction, "kl": kl, "elbo": reconstruction + kl, "loss": reconstruction + beta * kl}

@@ -53,7 +53,13 @@ class AutoencoderTask:
         self, config: ml_collections.ConfigDict, spec: DatasetSpec, vae: AutoencoderKL, mesh, rng, workdir: str
     ):
         self.config, self.spec, self.vae, self.mesh, self.rng, self.workdir = config, spec, vae, mesh, rng, workdir
-        self.terms = functools.partial(vae_terms, vae, decoder_std=config.model.decoder_std, beta=config.model.beta)
+        self.terms = functools.partial(
+            vae_terms,
+            vae,
+            decoder_std=config.model.decoder_std,
+            beta=config.model.beta,
+            decoder_likelihood=config.model.decoder_likelihood,
+        )
         self.encode = jax.jit(lambda params, x: vae.apply({"params": params}, x, method="encode"))
         self.reconstruct = jax.jit(self.reconstruction)
         self.eval_terms = jax.jit(lambda params, rng, x: self.terms(params, rng, x))

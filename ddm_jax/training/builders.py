@@ -16,6 +16,7 @@ from ddm_jax.data import AUGMENT_COND_DIM, DatasetSpec, check_augment, check_eva
 from ddm_jax.diffusion import SCHEDULES, WEIGHTINGS
 from ddm_jax.diffusion import build_schedule as schedule_by_name
 from ddm_jax.models import NETWORKS, load_diffusers
+from ddm_jax.models.autoencoder_kl import DECODER_NLL
 from ddm_jax.models.clip_tokenizer import default_tokenizer
 from ddm_jax.models.diffusers_io import module_from_config
 from ddm_jax.models.latent_diffusion import LatentDiffusion, schedule_from_scheduler_config
@@ -261,6 +262,7 @@ def build_task(config: ml_collections.ConfigDict, mesh, rng, workdir: str):
             vae = module_from_config("vae", config.model.vae.to_dict())
         with config_fields("model"):
             check(config.model.decoder_std > 0, "decoder_std", config.model.decoder_std, "a standard deviation > 0")
+            check_choice("decoder_likelihood", config.model.decoder_likelihood, DECODER_NLL)
             check(config.model.beta >= 0, "beta", config.model.beta, "a weight >= 0")
         return AutoencoderTask(config, spec, vae, mesh, rng, workdir)
     model, loaded = build_latent_diffusion(config.model)
