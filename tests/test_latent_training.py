@@ -208,6 +208,12 @@ def test_a_bad_model_field_is_refused_before_anything_is_built(runs, tmp_path, s
     assert not os.listdir(tmp_path)
 
 
+def test_a_vae_config_saved_before_decoder_likelihood_existed_trains_a_gaussian_decoder(runs, tmp_path):
+    config = tiny_vae_config(runs[0])
+    del config.model["decoder_likelihood"]
+    assert Experiment(config, str(tmp_path)).task.terms.keywords["decoder_likelihood"] == "gaussian"
+
+
 def test_the_text_encoder_starts_from_text_encoder_folder_of_its_own_config(runs, tmp_path):
     data_dir, vae_result, _, _ = runs
     config = tiny_t2i_config(data_dir, os.path.dirname(vae_result["vae"]))

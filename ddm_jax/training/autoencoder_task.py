@@ -46,6 +46,11 @@ def psnr(images: np.ndarray, reconstructions: np.ndarray) -> np.ndarray:
         return 10.0 * np.log10(255.0**2 / mse)
 
 
+def decoder_likelihood(model: ml_collections.ConfigDict) -> str:
+    """`model.decoder_likelihood`; "gaussian" for the configs saved before the field existed."""
+    return model.get("decoder_likelihood", "gaussian")
+
+
 class AutoencoderTask:
     """An AutoencoderKL on the 8-bit RGB images of `spec` (config sections data, model, training, eval)."""
 
@@ -58,7 +63,7 @@ class AutoencoderTask:
             vae,
             decoder_std=config.model.decoder_std,
             beta=config.model.beta,
-            decoder_likelihood=config.model.decoder_likelihood,
+            decoder_likelihood=decoder_likelihood(config.model),
         )
         self.encode = jax.jit(lambda params, x: vae.apply({"params": params}, x, method="encode"))
         self.reconstruct = jax.jit(self.reconstruction)

@@ -22,7 +22,7 @@ from ddm_jax.models.diffusers_io import module_from_config
 from ddm_jax.models.latent_diffusion import LatentDiffusion, schedule_from_scheduler_config
 from ddm_jax.models.layers import compute_dtype
 from ddm_jax.models.vdm import VDM
-from ddm_jax.training.autoencoder_task import AutoencoderTask
+from ddm_jax.training.autoencoder_task import AutoencoderTask, decoder_likelihood
 from ddm_jax.training.optimizer import validate_optimizer_config
 from ddm_jax.training.text_to_image_task import TextToImageTask, text_encoder_lr_scale
 from ddm_jax.training.vdm_task import BETA_SCHEDULES, VDMTask, model_architecture
@@ -262,7 +262,7 @@ def build_task(config: ml_collections.ConfigDict, mesh, rng, workdir: str):
             vae = module_from_config("vae", config.model.vae.to_dict())
         with config_fields("model"):
             check(config.model.decoder_std > 0, "decoder_std", config.model.decoder_std, "a standard deviation > 0")
-            check_choice("decoder_likelihood", config.model.decoder_likelihood, DECODER_NLL)
+            check_choice("decoder_likelihood", decoder_likelihood(config.model), DECODER_NLL)
             check(config.model.beta >= 0, "beta", config.model.beta, "a weight >= 0")
         return AutoencoderTask(config, spec, vae, mesh, rng, workdir)
     model, loaded = build_latent_diffusion(config.model)
