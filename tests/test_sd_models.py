@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from flax import linen as nn
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
@@ -22,6 +23,7 @@ from ddm_jax.checks import ArgumentError
 from ddm_jax.models import load_diffusers, sample_latent, save_diffusers
 from ddm_jax.models.clip_text import pooled_output
 from ddm_jax.models.diffusers_io import module_config
+from ddm_jax.models.sd_layers import Dense
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 FAMILIES = ("sd1_tiny", "sd2_tiny")
@@ -148,6 +150,17 @@ def test_text_encoder_computes_in_bfloat16():
     hidden = jax.jit(lambda p, ids: module.apply({"params": p}, ids))(params, ref["text_input_ids"])
     assert hidden.dtype == jnp.float32
     assert relative_error(hidden, ref["text_last_hidden"]) < 3e-2  # bfloat16 has 8 significant bits
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 3, 5), (2, 2, 3, 5)])
+def test_dense_is_flax_dense_on_any_leading_axes(shape):
+    """sd_layers.Dense flattens the leading axes for speed only: flax's parameters and outputs."""
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    params = nn.Dense(4).init(jax.random.PRNGKey(1), x)["params"]
+    ours = Dense(4).apply({"params": params}, x)
+    assert jax.tree.map(jnp.shape, Dense(4).init(jax.random.PRNGKey(1), x)["params"]) == jax.tree.map(jnp.shape, params)
+    expected = np.einsum("...i,ij->...j", np.asarray(x, np.float64), params["kernel"]) + params["bias"]
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
 
 
 # The VAE's reparameterised sample.

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from ddm_jax.checks import check, check_choice, check_int
-from ddm_jax.models.sd_layers import Dtype, layer_norm, multi_head_attention
+from ddm_jax.models.sd_layers import Dense, Dtype, layer_norm, multi_head_attention
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # CLIP's approximation of GELU
@@ -29,7 +29,7 @@ class CLIPAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        dense = lambda name: nn.Dense(x.shape[-1], dtype=self.dtype, name=name)
+        dense = lambda name: Dense(x.shape[-1], dtype=self.dtype, name=name)
         q, k, v = dense("q_proj")(x), dense("k_proj")(x), dense("v_proj")(x)
         return dense("out_proj")(multi_head_attention(q, k, v, self.num_heads, causal=True))
 
@@ -62,8 +62,8 @@ class CLIPMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = ACTIVATIONS[self.hidden_act](nn.Dense(self.intermediate_size, dtype=self.dtype, name="fc1")(x))
-        return nn.Dense(x.shape[-1], dtype=self.dtype, name="fc2")(h)
+        h = ACTIVATIONS[self.hidden_act](Dense(self.intermediate_size, dtype=self.dtype, name="fc1")(x))
+        return Dense(x.shape[-1], dtype=self.dtype, name="fc2")(h)
 
 
 class CLIPTextEmbeddings(nn.Module):

@@ -32,6 +32,19 @@ def layer_norm(eps: float, name: str, dtype: Dtype) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, name=name)
 
 
+class Dense(nn.Dense):
+    """torch.nn.Linear on the last axis: flax's Dense (the same kernel [D_in, features] and bias)
+    applied to x flattened to rows [prod(x.shape[:-1]), D_in].
+
+    Only the speed differs. On a token tensor [B, N, D], the kernel gradient contracts two axes;
+    XLA:CPU (jaxlib 0.10.1) lays it out as a transposed copy and a slower dot, about four times
+    the time of the same gradient of rows (experiments/results/train_step_benchmark.md).
+    """
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return super().__call__(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.features)
+
+
 def conv(features: int, kernel: int, name: str, dtype: Dtype, stride: int = 1, padding: int | None = None) -> nn.Conv:
     """torch.nn.Conv2d(kernel, stride, padding) on NHWC; `padding` defaults to kernel // 2."""
     pad = kernel // 2 if padding is None else padding
@@ -63,8 +76,8 @@ class TimestepEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, t_emb: jax.Array) -> jax.Array:
-        h = nn.silu(nn.Dense(self.features, dtype=self.dtype, name="linear_1")(t_emb))
-        return nn.Dense(self.features, dtype=self.dtype, name="linear_2")(h)
+        h = nn.silu(Dense(self.features, dtype=self.dtype, name="linear_1")(t_emb))
+        return Dense(self.features, dtype=self.dtype, name="linear_2")(h)
 
 
 class ResnetBlock2D(nn.Module):
@@ -86,7 +99,7 @@ class ResnetBlock2D(nn.Module):
         h = nn.silu(group_norm(self.groups, self.eps, "norm1", self.dtype)(x))
         h = conv(self.out_channels, 3, "conv1", self.dtype)(h)
         if temb is not None:
-            h = h + nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))[:, None, None]
+            h = h + Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))[:, None, None]
         h = nn.silu(group_norm(self.groups, self.eps, "norm2", self.dtype)(h))
         h = conv(self.out_channels, 3, "conv2", self.dtype)(h)
         if x.shape[-1] != self.out_channels:
@@ -170,7 +183,7 @@ class Attention(nn.Module):
             tokens = tokens.reshape(batch, height * width, channels)
         context = tokens if context is None else context
         inner = self.heads * self.dim_head
-        dense = lambda features, name, bias=self.bias: nn.Dense(features, use_bias=bias, dtype=self.dtype, name=name)
+        dense = lambda features, name, bias=self.bias: Dense(features, use_bias=bias, dtype=self.dtype, name=name)
         q, k, v = dense(inner, "to_q")(tokens), dense(inner, "to_k")(context), dense(inner, "to_v")(context)
         out = dense(x.shape[-1], "to_out_0", bias=True)(multi_head_attention(q, k, v, self.heads))
         if self.norm_num_groups is not None:
@@ -187,5 +200,5 @@ class GEGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        a, g = jnp.split(nn.Dense(2 * self.features, dtype=self.dtype, name="proj")(x), 2, axis=-1)
+        a, g = jnp.split(Dense(2 * self.features, dtype=self.dtype, name="proj")(x), 2, axis=-1)
         return a * nn.gelu(g, approximate=False)

@@ -26,6 +26,7 @@ from ddm_jax.checks import check, check_choice, is_int
 from ddm_jax.models.sd_layers import (
     GEGLU,
     Attention,
+    Dense,
     Downsample2D,
     Dtype,
     ResnetBlock2D,
@@ -76,7 +77,7 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         h = GEGLU(self.inner_dim, dtype=self.dtype, name="net_0")(x)
-        return nn.Dense(x.shape[-1], dtype=self.dtype, name="net_2")(h)
+        return Dense(x.shape[-1], dtype=self.dtype, name="net_2")(h)
 
 
 class Transformer2DModel(nn.Module):
@@ -94,7 +95,7 @@ class Transformer2DModel(nn.Module):
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         batch, height, width, channels = x.shape
         project = lambda name: (
-            nn.Dense(channels, dtype=self.dtype, name=name)
+            Dense(channels, dtype=self.dtype, name=name)
             if self.use_linear_projection
             else conv(channels, 1, name, self.dtype)
         )
