@@ -236,10 +236,10 @@ def cached(name: str, compute) -> dict:
 
 
 def restored(config, stage: str):
-    """(step, task, EMA parameters) of the latest checkpoint in WORKDIR/stage."""
+    """(step, task, the model's EMA parameters) of the latest checkpoint in WORKDIR/stage."""
     experiment = Experiment(config, os.path.join(FLAGS.workdir, stage))
     step, state = experiment.restore_latest("evaluate")
-    return step, experiment.task, state.ema_params
+    return step, experiment.task, experiment.task.model_params(state.ema_params)
 
 
 def grids_of_cached_evaluation() -> list[str]:

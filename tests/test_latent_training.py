@@ -20,6 +20,7 @@ from ddm_jax.models.latent_diffusion import LatentDiffusion
 from ddm_jax.training import trainer
 from ddm_jax.training.experiment import Experiment
 from ddm_jax.training.sharding import shard_batch
+from ddm_jax.training.train_state import apply_updates, create_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 2
@@ -112,15 +113,15 @@ def test_prompt_dropout_trains_on_the_empty_prompt_under_jit(runs, tmp_path):
     data_dir, vae_result, _, _ = runs
     config = tiny_t2i_config(data_dir, os.path.dirname(vae_result["vae"]))
     task = Experiment(config, str(tmp_path)).task
-    params = task.init(jax.random.PRNGKey(1))
+    params = task.model_params(task.init(jax.random.PRNGKey(1)))
     batch = {key: value[:6] for key, value in task.held_out.items() if key != "caption"}
-    empty = {**batch, "tokens": np.repeat(np.asarray(task.null_tokens), 6, axis=0)}
+    empty = {**batch, "tokens": np.repeat(task.null_tokens, 6, axis=0)}
     loss = jax.jit(task.per_example_loss, static_argnames=("prompt_dropout",))
     rng = jax.random.PRNGKey(2)
     np.testing.assert_allclose(
-        loss(params, rng, batch, prompt_dropout=1.0), loss(params, rng, empty, prompt_dropout=0.0)
+        loss(params, rng, batch, prompt_dropout=1.0, null_tokens=task.null_tokens), loss(params, rng, empty)
     )
-    assert not np.allclose(loss(params, rng, batch, prompt_dropout=0.0), loss(params, rng, empty, prompt_dropout=0.0))
+    assert not np.allclose(loss(params, rng, batch), loss(params, rng, empty))
 
 
 def first_step(config, workdir):
@@ -143,6 +144,58 @@ def test_a_frozen_text_encoder_stays_at_its_initialisation(runs, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, before["text_encoder"], after["text_encoder"])
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), before["unet"], after["unet"]))
     assert any(changed) and np.isfinite(loss)
+
+
+def test_training_the_used_token_rows_is_one_adamw_step_of_the_whole_model(runs, tmp_path):
+    """The train state holds the token rows the captions use; its step, put back into the whole table,
+    equals a step of the whole model on the captions' own token ids (the unused rows unchanged)."""
+    data_dir, vae_result, _, _ = runs
+    config = tiny_t2i_config(data_dir, os.path.dirname(vae_result["vae"]))
+    config.optimizer.warmup_steps = 0
+    experiment = Experiment(config, str(tmp_path))
+    task = experiment.task
+    vocab_size = config.model.text_encoder.vocab_size
+    assert 5 < len(task.trained_token_ids) < vocab_size // 100
+    state = experiment.initial_state()
+    whole = jax.device_get(task.model_params(state.params))
+    rows = next(task.train_batches(0))
+    batch = {**rows, "tokens": task.trained_token_ids[rows["tokens"]]}
+    state, _ = experiment.train_steps(
+        state, shard_batch(jax.tree.map(lambda x: x[None], rows), experiment.mesh, 1), experiment.rng
+    )
+
+    def loss(params):
+        losses = task.per_example_loss(
+            params,
+            jax.random.fold_in(experiment.rng, 0),
+            batch,
+            prompt_dropout=task.prompt_dropout,
+            null_tokens=task.null_tokens,
+        )
+        return jnp.mean(losses)
+
+    grads = jax.grad(loss)(whole)
+    want = apply_updates(
+        create_train_state(whole, experiment.optimizer), grads, experiment.optimizer, config.training.ema_decay
+    )
+    # Where the exact gradient is 0 (the bias of a key projection: softmax ignores a shift shared by
+    # all keys), Adam's first step is the sign of float noise; compared everywhere else.
+    for got, expected in ((state.params, want.params), (state.ema_params, want.ema_params)):
+        jax.tree.map(
+            lambda a, b, g: np.testing.assert_allclose(a[np.abs(g) > 1e-6], b[np.abs(g) > 1e-6], rtol=1e-5, atol=1e-7),
+            task.model_params(got),
+            expected,
+            grads,
+        )
+    table = want.params["text_encoder"]["embeddings"]["token_embedding"]["embedding"]
+    unused = np.setdiff1d(np.arange(vocab_size), task.trained_token_ids)
+    np.testing.assert_array_equal(
+        table[unused], whole["text_encoder"]["embeddings"]["token_embedding"]["embedding"][unused]
+    )
+    assert not np.allclose(
+        table[task.trained_token_ids],
+        whole["text_encoder"]["embeddings"]["token_embedding"]["embedding"][task.trained_token_ids],
+    )
 
 
 def test_the_text_encoder_moves_text_encoder_lr_scale_times_as_far_as_at_the_unets_rate(runs, tmp_path):
@@ -170,13 +223,13 @@ def test_min_snr_weighting_scales_each_example_by_min_of_one_and_5_over_snr(runs
     data_dir, vae_result, _, _ = runs
     config = tiny_t2i_config(data_dir, os.path.dirname(vae_result["vae"]))
     task = Experiment(config, str(tmp_path)).task
-    params = task.init(jax.random.PRNGKey(1))
+    params = task.model_params(task.init(jax.random.PRNGKey(1)))
     batch = {key: value[:8] for key, value in task.held_out.items() if key != "caption"}
     rng = jax.random.PRNGKey(3)
     config.model.weighting = "simple"
-    simple = task.per_example_loss(params, rng, batch, prompt_dropout=0.0)
+    simple = task.per_example_loss(params, rng, batch)
     config.model.weighting = "min_snr"
-    min_snr = task.per_example_loss(params, rng, batch, prompt_dropout=0.0)
+    min_snr = task.per_example_loss(params, rng, batch)
     t, _ = diffusion.diffusion_draws(jax.random.split(rng, 3)[2], batch["latent_mean"].shape, T=999)
     snr = np.exp(-np.asarray(task.model.gamma_fn(t), np.float64))
     np.testing.assert_allclose(min_snr, simple * np.minimum(1.0, 5.0 / snr), rtol=1e-5)
@@ -221,7 +274,8 @@ def test_the_text_encoder_starts_from_text_encoder_folder_of_its_own_config(runs
     saved = encoder.init(jax.random.PRNGKey(7), *encoder.example_inputs())["params"]
     save_diffusers(tmp_path / "encoder", "text_encoder", encoder, saved)
     config.model.text_encoder_folder = str(tmp_path / "encoder")
-    params = Experiment(config, str(tmp_path / "pretrained")).task.init(jax.random.PRNGKey(1))
+    task = Experiment(config, str(tmp_path / "pretrained")).task
+    params = task.model_params(task.init(jax.random.PRNGKey(1)))
     jax.tree.map(np.testing.assert_array_equal, params["text_encoder"], saved)
     config.model.text_encoder.num_hidden_layers = 2
     with pytest.raises(ValueError, match=re.escape("model.text_encoder_folder=") + ".*expected a text encoder as"):

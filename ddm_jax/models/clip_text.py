@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddm_jax.checks import check, check_choice, check_int
+from ddm_jax.checks import PyTree, check, check_choice, check_int
 from ddm_jax.models.sd_layers import Dense, Dtype, layer_norm, multi_head_attention
 
 ACTIVATIONS = {
@@ -167,6 +167,18 @@ class CLIPTextModel(nn.Module):
             name="encoder",
         )(h)
         return layer_norm(self.layer_norm_eps, "final_layer_norm", self.dtype)(h).astype(jnp.float32)
+
+
+def token_embedding(params: PyTree) -> jax.Array:
+    """The token-embedding table [rows, hidden_size] of CLIPTextModel parameters."""
+    return params["embeddings"]["token_embedding"]["embedding"]
+
+
+def with_token_embedding(params: PyTree, table: jax.Array) -> PyTree:
+    """CLIPTextModel parameters with the token-embedding table `table`, the rest shared. A table of
+    some rows of the vocabulary serves input ids that index those rows (`LatentDiffusion.encode_prompts`)."""
+    embeddings = params["embeddings"]
+    return {**params, "embeddings": {**embeddings, "token_embedding": {"embedding": table}}}
 
 
 def pooled_output(hidden_states: jax.Array, input_ids: jax.Array, eos_token_id: int) -> jax.Array:

@@ -26,7 +26,7 @@ from ddm_jax.checks import ArgumentError, PyTree, check, check_choice, check_int
 from ddm_jax.diffusion import PARAMETERIZATIONS
 from ddm_jax.diffusion.schedules import BETA_KINDS, DiscreteBetas
 from ddm_jax.models.autoencoder_kl import AutoencoderKL, sample_latent
-from ddm_jax.models.clip_text import CLIPTextModel
+from ddm_jax.models.clip_text import CLIPTextModel, token_embedding
 from ddm_jax.models.clip_tokenizer import (
     END_OF_TEXT,
     END_OF_TEXT_ID,
@@ -319,8 +319,12 @@ class LatentDiffusion:
 
     def encode_prompts(self, text_encoder_params: PyTree, token_ids: jax.Array) -> jax.Array:
         """The text conditioning [B, L, hidden_size] (float32): the text encoder's last hidden
-        state after its final layer norm, or that of layer N - clip_skip."""
-        return self.text_encoder.apply({"params": text_encoder_params}, token_ids, clip_skip=self.clip_skip)
+        state after its final layer norm, or that of layer N - clip_skip. The parameters may hold
+        some rows of the token table only (`clip_text.with_token_embedding`), which `token_ids`
+        then index."""
+        rows = token_embedding(text_encoder_params).shape[0]
+        text_encoder = self.text_encoder.clone(vocab_size=rows)
+        return text_encoder.apply({"params": text_encoder_params}, token_ids, clip_skip=self.clip_skip)
 
     # Diffusion --------------------------------------------------------------------------------------
 

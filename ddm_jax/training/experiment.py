@@ -27,7 +27,7 @@ from ddm_jax.training.checkpoints import (
 from ddm_jax.training.optimizer import make_optimizer
 from ddm_jax.training.sharding import make_mesh, replicate, replicated
 from ddm_jax.training.steps import train_steps
-from ddm_jax.training.train_state import TrainState, create_train_state
+from ddm_jax.training.train_state import TrainState, create_train_state, initial_params_rng
 
 SAVED_CONFIG = "config.py"
 
@@ -57,7 +57,7 @@ class Experiment:
 
     def initial_state(self) -> TrainState:
         """Step 0 (also the target structure of every restore)."""
-        return replicate(self._init(jax.random.fold_in(self.rng, 0)), self.mesh)
+        return replicate(self._init(initial_params_rng(self.rng)), self.mesh)
 
     def checkpoints(self, read_only: bool = False) -> CheckpointStore:
         """The workdir's checkpoint store; refuses one holding another architecture (before any write).

@@ -14,6 +14,15 @@ and is trained jointly, at `text_encoder_lr_scale` times the UNet's learning rat
 Evaluation reports the loss on held-out examples; samples are guided generations of held-out
 prompts; `export` writes the whole model as a diffusers folder (the task interface is described in
 training/vdm_task.py).
+
+The train state holds only the rows of the text encoder's token table that the training captions
+and the empty prompt use (`trained_token_ids`; 49 of CLIP's 49408 for shapes), and the training
+captions as indices into those rows. The other rows never get a gradient, so AdamW at weight decay
+0, clipping and the EMA would leave them at their initial values: training the used rows alone
+gives the same model without a pass over the whole table each step (with weight decay the unused
+rows would also shrink toward 0; here they keep their initial values). `model_params` puts the
+rows back into the table of the run's initialisation (or of the pretrained text encoder):
+evaluation, samples and export take the model's parameters from it.
 """
 
 import functools
@@ -29,8 +38,10 @@ from ddm_jax.data import DatasetSpec, batches_of_arrays, load_split
 from ddm_jax.diffusion import diffusion_loss, per_example_normal, per_example_uniform, shard_rows
 from ddm_jax.evaluation.generate import images_to_uint8, sample_images
 from ddm_jax.evaluation.images import image_grid, save_png, upscale_nearest
+from ddm_jax.models.clip_text import token_embedding, with_token_embedding
 from ddm_jax.models.latent_diffusion import LatentDiffusion
 from ddm_jax.training.sharding import batch_sharded, replicate
+from ddm_jax.training.train_state import initial_params_rng
 
 CAPTION = "caption"
 
@@ -67,15 +78,16 @@ class TextToImageTask:
         self.text_encoder_params = text_encoder_params
         self.prompt_dropout = config.model.prompt_dropout
         self.learning_rate_scales = learning_rate_scales(config.model)
-        self.null_tokens = jnp.asarray(model.tokenize([""]))
+        self.null_tokens = np.asarray(model.tokenize([""]))
+        # The token-table rows the train state holds (module docstring), sorted.
+        self.trained_token_ids = np.union1d(self.captioned_split("train")["tokens"], self.null_tokens)
         self.encode = jax.jit(lambda vae_params, x: model.vae.apply({"params": vae_params}, x, method="encode"))
-        self.eval_loss = jax.jit(functools.partial(self.per_example_loss, prompt_dropout=0.0))
-        self._train_arrays = None
+        self.eval_loss = jax.jit(self.per_example_loss)
 
     # The model's parameters ------------------------------------------------------------------------
 
-    def init(self, rng):
-        """{"text_encoder", "unet"} at their modules' initialisation, the text encoder at
+    def model_init(self, rng):
+        """The model's {"text_encoder", "unet"} at their modules' initialisation, the text encoder at
         `text_encoder_params` when given (the VAE is not trained here)."""
         keys = dict(zip(("text_encoder", "unet"), jax.random.split(rng), strict=True))
         params = {
@@ -86,10 +98,40 @@ class TextToImageTask:
             params["text_encoder"] = self.text_encoder_params
         return params
 
+    def init(self, rng):
+        """The train state's parameters: `model_init`'s, the token table cut to `trained_token_ids`."""
+        params = self.model_init(rng)
+        text = params["text_encoder"]
+        return {**params, "text_encoder": with_token_embedding(text, token_embedding(text)[self.trained_token_ids])}
+
+    def token_rows(self, tokens: np.ndarray) -> np.ndarray:
+        """Token ids as indices into the trained rows (ids among `trained_token_ids`)."""
+        return np.searchsorted(self.trained_token_ids, tokens).astype(np.int32)
+
+    @functools.cached_property
+    def initial_token_embedding(self) -> np.ndarray:
+        """The token table [vocab_size, hidden_size] of `model_init` at the run's initial key: what
+        the rows that no training caption uses keep."""
+        table = jax.jit(lambda rng: token_embedding(self.model_init(rng)["text_encoder"]))
+        return np.asarray(table(initial_params_rng(self.rng)))
+
+    def model_params(self, params):
+        """The model's parameters of the train state's `params` (`init`): the trained rows put back
+        into `initial_token_embedding`, replicated on the mesh."""
+        text = params["text_encoder"]
+        table = self.initial_token_embedding.copy()
+        table[self.trained_token_ids] = np.asarray(jax.device_get(token_embedding(text)))
+        return {**params, "text_encoder": with_token_embedding(text, replicate(table, self.mesh))}
+
+    def captioned_split(self, split: str) -> dict:
+        """A split's images and captions, and the captions' token ids [n, L] ("tokens")."""
+        arrays = load_split(self.spec, split, self.config.data.data_dir, text_features=(CAPTION,))
+        return {**arrays, "tokens": np.asarray(self.model.tokenize(list(arrays[CAPTION])))}
+
     def encoded_split(self, split: str) -> dict:
         """A split as the training step takes it: posterior means and log-variances of its images
         under the frozen VAE, and the token ids of its captions."""
-        arrays = load_split(self.spec, split, self.config.data.data_dir, text_features=(CAPTION,))
+        arrays = self.captioned_split(split)
         batch = self.config.eval.batch_size
         moments = [
             self.encode(self.vae_params, jnp.asarray(arrays["image"][i : i + batch], jnp.float32) / 127.5 - 1.0)
@@ -98,17 +140,21 @@ class TextToImageTask:
         return {
             "latent_mean": np.concatenate([np.asarray(mean) for mean, _ in moments]),
             "latent_logvar": np.concatenate([np.asarray(logvar) for _, logvar in moments]),
-            "tokens": np.asarray(self.model.tokenize(list(arrays[CAPTION]))),
+            "tokens": arrays["tokens"],
             "caption": arrays[CAPTION],
         }
 
+    @functools.cached_property
+    def train_split(self) -> dict:
+        """The training split, encoded (`encoded_split`)."""
+        return self.encoded_split("train")
+
     def train_batches(self, start_step: int):
-        if self._train_arrays is None:
-            encoded = self.encoded_split("train")
-            self._train_arrays = {key: encoded[key] for key in ("latent_mean", "latent_logvar", "tokens")}
+        """Batches of the encoded training split, its tokens as `token_rows`."""
+        arrays = {key: self.train_split[key] for key in ("latent_mean", "latent_logvar")}
         training = self.config.training
         return batches_of_arrays(
-            self._train_arrays,
+            {**arrays, "tokens": self.token_rows(self.train_split["tokens"])},
             batch_size=training.batch_size,
             seed=training.seed,
             start_step=start_step,
@@ -118,18 +164,23 @@ class TextToImageTask:
 
     # The loss ----------------------------------------------------------------------------------------
 
-    def per_example_loss(self, params, rng, batch, axis_name=None, *, prompt_dropout: float):
+    def per_example_loss(self, params, rng, batch, axis_name=None, *, prompt_dropout: float = 0.0, null_tokens=None):
         """The diffusion loss of `model.weighting` per latent dimension of each example [b] (module
         docstring); example b draws its latent, its prompt's dropout (probability `prompt_dropout`)
-        and (t, eps) from (rng, its row of the global batch)."""
+        and (t, eps) from (rng, its row of the global batch). batch["tokens"] index the rows of the
+        token table of `params` (ids for the model's parameters, `token_rows` for the train
+        state's); `null_tokens` [1, L], the empty prompt's in the same indexing, replace a dropped
+        prompt."""
         mean, logvar = batch["latent_mean"], batch["latent_logvar"]
         rows, batch_size = shard_rows(mean.shape[0], axis_name)
         rng_latent, rng_dropout, rng_diffusion = jax.random.split(rng, 3)
         latents = self.model.vae.scaling_factor * (
             mean + jnp.exp(0.5 * logvar) * per_example_normal(rng_latent, mean.shape, rows)
         )
-        dropped = per_example_uniform(rng_dropout, mean.shape[0], rows) < prompt_dropout
-        tokens = jnp.where(dropped[:, None], self.null_tokens, batch["tokens"])
+        tokens = batch["tokens"]
+        if prompt_dropout:
+            dropped = per_example_uniform(rng_dropout, mean.shape[0], rows) < prompt_dropout
+            tokens = jnp.where(dropped[:, None], null_tokens, tokens)
         text_params = params["text_encoder"]
         if not self.learning_rate_scales["text_encoder"]:
             text_params = jax.lax.stop_gradient(text_params)
@@ -149,7 +200,15 @@ class TextToImageTask:
 
     def loss_fn(self, params, rng, batch, axis_name=None):
         def mean_loss(params):
-            return jnp.mean(self.per_example_loss(params, rng, batch, axis_name, prompt_dropout=self.prompt_dropout))
+            losses = self.per_example_loss(
+                params,
+                rng,
+                batch,
+                axis_name,
+                prompt_dropout=self.prompt_dropout,
+                null_tokens=self.token_rows(self.null_tokens),
+            )
+            return jnp.mean(losses)
 
         loss, grads = jax.value_and_grad(mean_loss)(params)
         metrics = {"loss": loss if axis_name is None else jax.lax.pmean(loss, axis_name)}
@@ -166,7 +225,8 @@ class TextToImageTask:
     def evaluate(self, params) -> dict:
         """The loss on the held-out examples (one draw of latent, t and eps each, no prompt dropout)."""
         held_out = {key: self.held_out[key] for key in ("latent_mean", "latent_logvar", "tokens")}
-        losses = np.asarray(jax.device_get(self.eval_loss(params, jax.random.fold_in(self.rng, 1), held_out)))
+        key = jax.random.fold_in(self.rng, 1)
+        losses = np.asarray(jax.device_get(self.eval_loss(self.model_params(params), key, held_out)))
         return {
             "loss": float(losses.mean()),
             "loss_stderr": float(losses.std(ddof=1) / np.sqrt(len(losses))),
@@ -174,7 +234,8 @@ class TextToImageTask:
         }
 
     def generate(self, params, prompts, rng, *, guidance_scale: float, sampler: str, steps: int) -> np.ndarray:
-        """uint8 images [len(prompts), H, W, 3] of the prompts (`evaluation.generate.sample_images`)."""
+        """uint8 images [len(prompts), H, W, 3] of the prompts (`evaluation.generate.sample_images`) by
+        the model of parameters `params` (`model_params`)."""
         full = {**params, "vae": self.vae_params}
         sharding = batch_sharded(self.mesh)
         tokens = jax.device_put(self.model.tokenize(list(prompts)), sharding)
@@ -199,7 +260,7 @@ class TextToImageTask:
         evaluation = self.config.eval
         prompts = list(self.held_out[CAPTION][: self.config.training.num_samples])
         images = self.generate(
-            params,
+            self.model_params(params),
             prompts,
             jax.random.fold_in(self.rng, 2),
             guidance_scale=evaluation.guidance_scale,
@@ -218,5 +279,5 @@ class TextToImageTask:
         folder (a new `directory`)."""
         if jax.process_index() > 0:
             return {}
-        full = jax.device_get({**params, "vae": self.vae_params})
+        full = jax.device_get({**self.model_params(params), "vae": self.vae_params})
         return {"diffusers": str(self.model.save(directory, full))}

@@ -18,6 +18,11 @@ class TrainState:
     opt_state: optax.OptState
 
 
+def initial_params_rng(rng: jax.Array) -> jax.Array:
+    """The key of a run's initial parameters, from the key of its seed."""
+    return jax.random.fold_in(rng, 0)
+
+
 def create_train_state(params: PyTree, optimizer: optax.GradientTransformation) -> TrainState:
     """Step 0, EMA equal to params, fresh optimizer state."""
     return TrainState(

@@ -1,7 +1,9 @@
 """The VDM as a training task: integer images, the ELBO in bits/dim, bits/dim evaluation, sample grids.
 
 A task is what `Experiment` needs of a model to train, evaluate and sample it on one device mesh:
-  init(rng) -> params;  loss_fn(params, rng, batch, axis_name) -> ((loss, metrics), grads)
+  init(rng) -> params (what the train state holds: the model's, or, for the text-to-image task,
+  those with only the token rows its captions use);
+  loss_fn(params, rng, batch, axis_name) -> ((loss, metrics), grads)
   (training/steps.py);  train_batches(start_step) -> this process's batches;
   evaluate(params) -> {name: value};  samples(params, name) -> {"grid", "png", ...};
   export(params, directory) -> {name: path};  spec, the dataset's DatasetSpec; and optionally
