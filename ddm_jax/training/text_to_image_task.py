@@ -169,8 +169,8 @@ class TextToImageTask:
         docstring); example b draws its latent, its prompt's dropout (probability `prompt_dropout`)
         and (t, eps) from (rng, its row of the global batch). batch["tokens"] index the rows of the
         token table of `params` (ids for the model's parameters, `token_rows` for the train
-        state's); `null_tokens` [1, L], the empty prompt's in the same indexing, replace a dropped
-        prompt."""
+        state's); `null_tokens` [1, L], the empty prompt's in the same indexing (default: its ids),
+        replace a dropped prompt."""
         mean, logvar = batch["latent_mean"], batch["latent_logvar"]
         rows, batch_size = shard_rows(mean.shape[0], axis_name)
         rng_latent, rng_dropout, rng_diffusion = jax.random.split(rng, 3)
@@ -180,7 +180,7 @@ class TextToImageTask:
         tokens = batch["tokens"]
         if prompt_dropout:
             dropped = per_example_uniform(rng_dropout, mean.shape[0], rows) < prompt_dropout
-            tokens = jnp.where(dropped[:, None], null_tokens, tokens)
+            tokens = jnp.where(dropped[:, None], self.null_tokens if null_tokens is None else null_tokens, tokens)
         text_params = params["text_encoder"]
         if not self.learning_rate_scales["text_encoder"]:
             text_params = jax.lax.stop_gradient(text_params)
