@@ -75,7 +75,7 @@ def get_config():
             b1=0.9,  # AdamW moments
             b2=0.99,
             eps=1e-8,
-            weight_decay=0.0,  # decoupled weight decay
+            weight_decay=0.0,  # decoupled weight decay (not of the token rows no caption uses: text_to_image_task)
             grad_clip_norm=1.0,  # global-norm clipping; 0 or None: none
             lr_schedule="cosine",  # constant | cosine (to 0 at decay_steps)
             decay_steps=9000,  # cosine: the learning rate reaches 0 here

@@ -10,6 +10,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import shapes_t2i, shapes_vae
@@ -150,15 +151,18 @@ def test_training_the_used_token_rows_is_one_adamw_step_of_the_whole_model(runs,
     data_dir, vae_result, _, _ = runs
     config = tiny_t2i_config(data_dir, os.path.dirname(vae_result["vae"]))
     config.optimizer.warmup_steps = 0
+    config.model.prompt_dropout = 0.5  # some of the 8 prompts dropped, for all but 1 in 256 draws
     experiment = Experiment(config, str(tmp_path))
     task = experiment.task
     vocab_size = config.model.text_encoder.vocab_size
     assert 5 < len(task.trained_token_ids) < vocab_size // 100
+    ids = task.train_split["tokens"]
+    np.testing.assert_array_equal(task.trained_token_ids[task.token_rows(ids)], ids)
     state = experiment.initial_state()
     whole = jax.device_get(task.model_params(state.params))
     rows = next(task.train_batches(0))
     batch = {**rows, "tokens": task.trained_token_ids[rows["tokens"]]}
-    state, _ = experiment.train_steps(
+    state, metrics = experiment.train_steps(
         state, shard_batch(jax.tree.map(lambda x: x[None], rows), experiment.mesh, 1), experiment.rng
     )
 
@@ -172,6 +176,7 @@ def test_training_the_used_token_rows_is_one_adamw_step_of_the_whole_model(runs,
         return jnp.mean(losses)
 
     grads = jax.grad(loss)(whole)
+    np.testing.assert_allclose(metrics["grad_norm"][0], optax.tree.norm(grads), rtol=1e-5)
     want = apply_updates(
         create_train_state(whole, experiment.optimizer), grads, experiment.optimizer, config.training.ema_decay
     )

@@ -22,7 +22,8 @@ captions as indices into those rows. The other rows never get a gradient, so Ada
 gives the same model without a pass over the whole table each step (with weight decay the unused
 rows would also shrink toward 0; here they keep their initial values). `model_params` puts the
 rows back into the table of the run's initialisation (or of the pretrained text encoder):
-evaluation, samples and export take the model's parameters from it.
+evaluation, samples and export take the model's parameters from it. The checkpoints' fingerprint
+holds `trained_token_ids`, so a run is resumed only on captions with the same tokens.
 """
 
 import functools
@@ -110,18 +111,25 @@ class TextToImageTask:
 
     @functools.cached_property
     def initial_token_embedding(self) -> np.ndarray:
-        """The token table [vocab_size, hidden_size] of `model_init` at the run's initial key: what
-        the rows that no training caption uses keep."""
+        """The token table [vocab_size, hidden_size] that the rows no training caption uses keep: the
+        pretrained text encoder's, or `model_init`'s at the run's initial key."""
+        if self.text_encoder_params is not None:
+            return np.asarray(token_embedding(self.text_encoder_params))
         table = jax.jit(lambda rng: token_embedding(self.model_init(rng)["text_encoder"]))
         return np.asarray(table(initial_params_rng(self.rng)))
 
-    def model_params(self, params):
-        """The model's parameters of the train state's `params` (`init`): the trained rows put back
-        into `initial_token_embedding`, replicated on the mesh."""
-        text = params["text_encoder"]
+    def whole_token_embedding(self, text_encoder_params) -> np.ndarray:
+        """The whole token table (host): `initial_token_embedding` with the trained rows in place."""
         table = self.initial_token_embedding.copy()
-        table[self.trained_token_ids] = np.asarray(jax.device_get(token_embedding(text)))
-        return {**params, "text_encoder": with_token_embedding(text, replicate(table, self.mesh))}
+        table[self.trained_token_ids] = np.asarray(jax.device_get(token_embedding(text_encoder_params)))
+        return table
+
+    def model_params(self, params):
+        """The model's parameters of the train state's `params` (`init`), the token table replicated
+        on the mesh."""
+        text = params["text_encoder"]
+        table = replicate(self.whole_token_embedding(text), self.mesh)
+        return {**params, "text_encoder": with_token_embedding(text, table)}
 
     def captioned_split(self, split: str) -> dict:
         """A split's images and captions, and the captions' token ids [n, L] ("tokens")."""
@@ -129,8 +137,8 @@ class TextToImageTask:
         return {**arrays, "tokens": np.asarray(self.model.tokenize(list(arrays[CAPTION])))}
 
     def encoded_split(self, split: str) -> dict:
-        """A split as the training step takes it: posterior means and log-variances of its images
-        under the frozen VAE, and the token ids of its captions."""
+        """A split encoded once for training or evaluation: posterior means and log-variances of its
+        images under the frozen VAE, and the token ids of its captions."""
         arrays = self.captioned_split(split)
         batch = self.config.eval.batch_size
         moments = [
@@ -234,12 +242,12 @@ class TextToImageTask:
         }
 
     def generate(self, params, prompts, rng, *, guidance_scale: float, sampler: str, steps: int) -> np.ndarray:
-        """uint8 images [len(prompts), H, W, 3] of the prompts (`evaluation.generate.sample_images`) by
-        the model of parameters `params` (`model_params`)."""
+        """uint8 images [len(prompts), H, W, 3] of the prompts (`evaluation.generate.sample_images`);
+        params: the model's (`model_params`), not the train state's."""
         full = {**params, "vae": self.vae_params}
         sharding = batch_sharded(self.mesh)
         tokens = jax.device_put(self.model.tokenize(list(prompts)), sharding)
-        null_tokens = jax.device_put(np.repeat(np.asarray(self.null_tokens), len(prompts), axis=0), sharding)
+        null_tokens = jax.device_put(np.repeat(self.null_tokens, len(prompts), axis=0), sharding)
         images, _ = sample_images(
             full,
             tokens,
@@ -279,5 +287,7 @@ class TextToImageTask:
         folder (a new `directory`)."""
         if jax.process_index() > 0:
             return {}
-        full = jax.device_get({**self.model_params(params), "vae": self.vae_params})
+        full = jax.device_get({**params, "vae": self.vae_params})
+        text = full["text_encoder"]  # with the whole table put together on this host alone
+        full["text_encoder"] = with_token_embedding(text, self.whole_token_embedding(text))
         return {"diffusers": str(self.model.save(directory, full))}

@@ -1,14 +1,13 @@
 """The VDM as a training task: integer images, the ELBO in bits/dim, bits/dim evaluation, sample grids.
 
 A task is what `Experiment` needs of a model to train, evaluate and sample it on one device mesh:
-  init(rng) -> params (what the train state holds: the model's, or, for the text-to-image task,
-  those with only the token rows its captions use);
+  init(rng) -> the train state's params (the model's, or a part of them: text_to_image_task);
   loss_fn(params, rng, batch, axis_name) -> ((loss, metrics), grads)
   (training/steps.py);  train_batches(start_step) -> this process's batches;
   evaluate(params) -> {name: value};  samples(params, name) -> {"grid", "png", ...};
   export(params, directory) -> {name: path};  spec, the dataset's DatasetSpec; and optionally
   learning_rate_scales, {part: multiple} of the learning rate for parameters that are a dict of parts
-  (0: frozen; `optimizer.make_optimizer`).
+  (0: frozen; `optimizer.make_optimizer`), and trained_token_ids (in the checkpoints' fingerprint).
 Tasks are built by the builder layer (`builders.build_task`) and belong to it: they read their
 config's sections.
 """
