@@ -40,7 +40,7 @@ def get_config():
 
     config.optimizer = ml_collections.ConfigDict(
         dict(
-            lr=1e-3,  # peak learning rate
+            lr=2e-3,  # peak learning rate (1e-3 until 2026-12-02: PSNR 28.79 against 31.88 dB, t2i_base_vae_lr2)
             warmup_steps=200,  # linear warmup from 0
             b1=0.9,  # AdamW moments
             b2=0.99,
