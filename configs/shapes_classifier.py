@@ -4,7 +4,8 @@ and gives the features of the Frechet distance on shapes (ddm_jax.evaluation.sha
 A three-stage CNN (ddm_jax.evaluation.classifier) with the heads shapes_metrics.HEADS, reading
 the image with its palette colours and colour boundaries (shapes_metrics.classifier_inputs),
 trained with AdamW on the shapes train split in a few minutes on 2 CPU cores; it writes
-DIR/classifier.npz and the per-head test accuracy in experiments/results/shapes_classifier.{md,json}.
+DIR/classifier.npz and the record experiments/results/shapes_classifier.{npz,md,json}: the
+committed .npz is the project's classifier, the one every text-to-image record is judged by.
 
   python -m experiments.train_shapes_classifier --config=configs/shapes_classifier.py \\
       --workdir=workdirs/shapes_classifier

@@ -9,8 +9,9 @@ Stages, each skipped when its output exists (so a killed run continues where it 
      to stage 1's export) in WORKDIR/t2i, exported as a diffusers folder and copied to --base
      (workdirs/shapes_base by default), the folder every later experiment loads like an SD
      checkpoint;
-  3. the attribute classifier (configs/shapes_classifier.py) in WORKDIR/classifier, or the one
-     --classifier names (trained by experiments/train_shapes_classifier.py);
+  3. the attribute classifier --classifier names: by default the project's own,
+     experiments/results/shapes_classifier.npz (trained by experiments/train_shapes_classifier.py,
+     its record beside it), so that every record is judged by the same network;
   4. evaluation: one image for each of --num_prompts held-out test captions at every guidance scale
      of --scales (the same initial noise at every scale), scored by the classifier for shape,
      colour, position and count (the stand-in for CLIP score), and the Frechet distance of the
@@ -49,12 +50,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from configs import shapes_classifier
 from ddm_jax.checks import check, check_choice
 from ddm_jax.data import dataset_spec, load_split
 from ddm_jax.data.shapes import caption_pair
 from ddm_jax.evaluation import frechet
-from ddm_jax.evaluation.classifier import save_classifier
 from ddm_jax.evaluation.generate import images_to_uint8
 from ddm_jax.evaluation.images import image_grid, save_png, upscale_nearest
 from ddm_jax.evaluation.prompt_sensitivity import clean_latent_change
@@ -65,7 +64,6 @@ from ddm_jax.evaluation.shapes_metrics import (
     load_shapes_classifier,
     score_images,
     summary,
-    train_shapes_classifier,
 )
 from ddm_jax.models import save_diffusers
 from ddm_jax.training import trainer
@@ -84,7 +82,11 @@ config_flags.DEFINE_config_file("t2i_config", "configs/shapes_t2i.py", "Stage 2 
 flags.DEFINE_string("workdir", "workdirs/t2i_base", "One sub-directory per stage (each resumed or skipped).")
 flags.DEFINE_string("base", "workdirs/shapes_base", "Where the trained base goes, as a diffusers folder.")
 flags.DEFINE_string("results", "experiments/results", "Where t2i_base.{md,json,png} go.")
-flags.DEFINE_string("classifier", None, "A trained attribute classifier (.npz); None: train one in WORKDIR/classifier.")
+flags.DEFINE_string(
+    "classifier",
+    "experiments/results/shapes_classifier.npz",
+    "The attribute classifier (.npz) that judges the samples.",
+)
 flags.DEFINE_list("scales", ["1", "2", "4", "7.5"], "Guidance scales evaluated.")
 flags.DEFINE_integer("num_prompts", 512, "Held-out test captions generated at every scale.")
 flags.DEFINE_integer("num_showcase", 6, "Prompts shown as grids (rows: scales, columns: seeds).")
@@ -140,18 +142,6 @@ def scalars(result: dict) -> dict:
 
 def export_folder(stage: str, config) -> str:
     return os.path.join(FLAGS.workdir, stage, "export", f"step_{config.training.num_steps}")
-
-
-def classifier_stage() -> str:
-    if FLAGS.classifier:
-        return FLAGS.classifier
-    path = os.path.join(FLAGS.workdir, "classifier", "classifier.npz")
-    if not os.path.isfile(path):
-        start = time.time()
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_classifier(path, train_shapes_classifier(shapes_classifier.get_config()))
-        record_time("classifier", time.time() - start)
-    return path
 
 
 def ceilings(model, vae_params, data, classifier, num_examples: int, batch_size: int) -> dict:
@@ -615,6 +605,12 @@ def main(argv):
     for name in FLAGS.variants:
         check_choice("--variants", name, VARIANTS)
         check(changes_recipe(FLAGS.t2i_config, name), "--variants", name, "a variant that changes --t2i_config")
+    check(
+        os.path.isfile(FLAGS.classifier),
+        "--classifier",
+        FLAGS.classifier,
+        "a trained attribute classifier (.npz; experiments/train_shapes_classifier.py)",
+    )
     missing = [path for path in grids_of_cached_evaluation() if not os.path.isfile(path)]
     check(
         not missing,
@@ -628,14 +624,13 @@ def main(argv):
     t2i_config = FLAGS.t2i_config
     t2i_config.model.vae_folder = export_folder("vae", vae_config)
     if FLAGS.vae_only:
-        print(json.dumps(vae_ceiling(vae, t2i_config, classifier_stage()), indent=2))
+        print(json.dumps(vae_ceiling(vae, t2i_config, FLAGS.classifier), indent=2))
         return
     t2i = train_stage("t2i", t2i_config)
     if not os.path.exists(FLAGS.base):
         shutil.copytree(export_folder("t2i", t2i_config), FLAGS.base)
-    classifier = classifier_stage()
-    evaluation = evaluation_stage(t2i_config, classifier)
-    variants = variants_stage(t2i_config, classifier)
+    evaluation = evaluation_stage(t2i_config, FLAGS.classifier)
+    variants = variants_stage(t2i_config, FLAGS.classifier)
     models = {"recipe": ("t2i", t2i_config), **{name: (name, variant_config(t2i_config, name)) for name in variants}}
     sensitivity = {name: prompt_sensitivity(config, stage) for name, (stage, config) in models.items()}
     with open(os.path.join(export_folder("vae", vae_config), "vae", "config.json")) as file:

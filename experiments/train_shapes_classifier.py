@@ -1,6 +1,8 @@
 """Trains the shapes attribute classifier and measures the metrics built on it.
 
-Writes WORKDIR/classifier.npz and experiments/results/shapes_classifier.{md,json}:
+Writes WORKDIR/classifier.npz and the record experiments/results/shapes_classifier.{npz,md,json}
+(the .npz there is the project's classifier, the one experiments/t2i_base.py judges with, committed
+so that records made on other machines are judged by the same network):
   - the accuracy of each head on the test split (and on the first test-size images of train);
   - prompt scoring (`score_images`) of the test images against their own captions (what a
     perfect generator scores) and against the next image's caption (mismatched prompts);
@@ -27,7 +29,7 @@ from ddm_jax.evaluation.classifier import CLASSIFIER_FILE, save_classifier
 
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, f"Directory for {CLASSIFIER_FILE} (which must not exist yet).")
-flags.DEFINE_string("results", "experiments/results", "Where shapes_classifier.{md,json} go.")
+flags.DEFINE_string("results", "experiments/results", "Where shapes_classifier.{npz,md,json} go.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 SEED = 0
@@ -92,7 +94,7 @@ Classifier: {record["config"]} (channels {record["architecture"]["channels"]}, \
 {record["architecture"]["features"]} features, input {record["architecture"]["image_shape"]}: \
 `shapes_metrics.classifier_inputs`), {record["steps"]} AdamW steps of batch {record["batch_size"]} \
 on the {record["num_train"]} train images of `{record["dataset"]}`, {record["train_seconds"]:.0f} s of training \
-(compilation included; the 2 cores were shared with other jobs).
+(compilation included). The weights: `{record["weights"]}`.
 
 Accuracy per head (± binomial standard error). Multi-label heads (shapes, colors) are right when the
 whole predicted set is; position, size and texture are scored on one-object images only, background
@@ -137,8 +139,10 @@ def main(argv):
     del argv
     config = FLAGS.config
     path = os.path.join(FLAGS.workdir, CLASSIFIER_FILE)
-    if os.path.exists(path):
-        raise ValueError(f"{path} exists; give a new --workdir or move it away yourself (nothing was changed)")
+    weights = os.path.join(FLAGS.results, "shapes_classifier.npz")
+    for existing, flag in ((path, "--workdir"), (weights, "--results")):
+        if os.path.exists(existing):
+            raise ValueError(f"{existing} exists; give a new {flag} or move it away yourself (nothing was changed)")
     start = time.time()
     classifier = sm.train_shapes_classifier(config)
     train_seconds = time.time() - start
@@ -188,6 +192,7 @@ def main(argv):
         "config": config_file,
         "dataset": dataset,
         "classifier_file": path,
+        "weights": weights,
         "architecture": classifier.architecture,
         "steps": config.training.num_steps,
         "batch_size": config.training.batch_size,
@@ -222,6 +227,7 @@ def main(argv):
         "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
     }
     os.makedirs(FLAGS.results, exist_ok=True)
+    save_classifier(record["weights"], classifier)
     with open(os.path.join(FLAGS.results, "shapes_classifier.json"), "w") as f:
         json.dump(record, f, indent=2)
     with open(os.path.join(FLAGS.results, "shapes_classifier.md"), "w") as f:
