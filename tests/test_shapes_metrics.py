@@ -1,6 +1,7 @@
 """Metrics of shapes: labels, prompt scoring, colour segmentation, IoU and the attribute classifier's plumbing."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from ddm_jax.evaluation import frechet
 from ddm_jax.evaluation import shapes_metrics as sm
 
 SEED = 0
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "results")
 TINY = shapes.ShapesConfig(name="32_tiny", image_size=32, num_train=256, num_test=64, seed=SEED)
 DATASET = "shapes/32_tiny"
 
@@ -210,6 +212,24 @@ def test_accuracy_of_a_multi_label_head_is_exact_set_agreement(trained, test_spl
         [set(np.flatnonzero(p)) == set(np.flatnonzero(t)) for p, t in zip(predicted, targets["colors"], strict=True)]
     )
     assert clf.accuracy(trained, inputs, targets["colors"], batch_size=64, head="colors") == pytest.approx(expected)
+
+
+def test_the_committed_classifier_scores_the_test_split_as_its_record_says():
+    """The project's judge, experiments/results/shapes_classifier.npz, on the test images of shapes/32
+    against their own captions: every head's accuracy as its record states it, to within 2 images of
+    2000 (another CPU's rounding may flip a logit at 0; weights that no longer fit the code score at
+    chance)."""
+    with open(os.path.join(RESULTS, "shapes_classifier.json")) as file:
+        record = json.load(file)
+    classifier = sm.load_shapes_classifier(os.path.join(RESULTS, "shapes_classifier.npz"), image_size=32)
+    config = shapes.ShapesConfig(name="32")
+    examples = [shapes.generate_example(config.seed, "test", i) for i in range(config.num_test)]
+    scores = sm.score_images(
+        classifier, np.stack([example["image"] for example in examples]), [example["caption"] for example in examples]
+    )
+    for head, expected in record["own_captions"].items():
+        assert scores[head].scored.sum() == expected["count"], head
+        assert abs(scores[head].accuracy - expected["accuracy"]) * expected["count"] <= 2, head
 
 
 def test_classifier_inputs_are_the_image_its_colours_patterns_and_boundaries():
