@@ -11,7 +11,8 @@ Stages, each skipped when its output exists (so a killed run continues where it 
      checkpoint;
   3. the attribute classifier --classifier names: by default the project's own,
      experiments/results/shapes_classifier.npz (trained by experiments/train_shapes_classifier.py,
-     its record beside it), so that every record is judged by the same network;
+     its record beside it), so that every record is judged by the same network; the scores kept
+     in WORKDIR are marked with the classifier file's sha256, and a run with another is refused;
   4. evaluation: one image for each of --num_prompts held-out test captions at every guidance scale
      of --scales (the same initial noise at every scale), scored by the classifier for shape,
      colour, position and count (the stand-in for CLIP score), and the Frechet distance of the
@@ -38,6 +39,7 @@ the line "<!-- notes -->" of an existing t2i_base.md are kept.
 
 import copy
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -105,6 +107,7 @@ flags.DEFINE_list("variants", [], "Alternatives to the recipe trained and compar
 FLAGS = flags.FLAGS
 TIMES = "stage_seconds.json"
 EVALUATION = "evaluation.json"
+VAE_CEILING = "vae_ceiling.json"
 
 
 def stage_times() -> dict:
@@ -184,7 +187,7 @@ def vae_ceiling(vae: dict, t2i_config, classifier_path: str) -> dict:
         )
         return {"vae": scalars(vae), **scores}
 
-    return cached("vae_ceiling.json", score)
+    return judged(VAE_CEILING, classifier_path, score)
 
 
 def scores_at_scales(task, params, prompts, classifier, reference) -> tuple[list[dict], dict]:
@@ -223,6 +226,34 @@ def cached(name: str, compute) -> dict:
     with open(path, "w") as file:
         json.dump(result, file, indent=2)
     return result
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as file:
+        return hashlib.sha256(file.read()).hexdigest()
+
+
+def judged(name: str, classifier_path: str, compute) -> dict:
+    """`cached` scores, marked with the classifier that gave them: its path and its file's sha256."""
+    return cached(
+        name, lambda: {**compute(), "classifier": classifier_path, "classifier_sha256": file_sha256(classifier_path)}
+    )
+
+
+def scores_of_other_classifiers() -> dict:
+    """{file: the classifier's path} of the judged JSONs in WORKDIR that a classifier other than
+    --classifier's file scored (or one unknown: files from before the mark)."""
+    names = [VAE_CEILING, EVALUATION, *(f"variant_{name}.json" for name in FLAGS.variants)]
+    digest = file_sha256(FLAGS.classifier)
+    others = {}
+    for name in names:
+        path = os.path.join(FLAGS.workdir, name)
+        if os.path.isfile(path):
+            with open(path) as file:
+                scores = json.load(file)
+            if scores.get("classifier_sha256") != digest:
+                others[name] = scores.get("classifier")
+    return others
 
 
 def restored(config, stage: str):
@@ -275,13 +306,12 @@ def evaluation_stage(t2i_config, classifier_path: str) -> dict:
             "rows": rows,
             "showcase": showcase,
             "num_prompts": len(prompts),
-            "classifier": classifier_path,
             "ceilings": ceilings(
                 task.model, task.vae_params, task.config.data, classifier, len(prompts), task.config.eval.batch_size
             ),
         }
 
-    return cached(EVALUATION, evaluate)
+    return judged(EVALUATION, classifier_path, evaluate)
 
 
 def paired_difference(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> dict:
@@ -419,7 +449,10 @@ def variants_stage(t2i_config, classifier_path: str) -> dict:
         }
         return {"overrides": VARIANTS[name], "step": step, "rows": rows, "minus_base": differences}
 
-    return {name: cached(f"variant_{name}.json", functools.partial(compare, name)) for name in FLAGS.variants}
+    return {
+        name: judged(f"variant_{name}.json", classifier_path, functools.partial(compare, name))
+        for name in FLAGS.variants
+    }
 
 
 SENSITIVITY_ATTRIBUTES = ("shape", "color", "size", "position", "texture", "background")
@@ -610,6 +643,13 @@ def main(argv):
         "--classifier",
         FLAGS.classifier,
         "a trained attribute classifier (.npz; experiments/train_shapes_classifier.py)",
+    )
+    others = scores_of_other_classifiers()
+    check(
+        not others,
+        "--classifier",
+        FLAGS.classifier,
+        f"the classifier that scored what --workdir keeps ({others}); delete those files to score again",
     )
     missing = [path for path in grids_of_cached_evaluation() if not os.path.isfile(path)]
     check(
