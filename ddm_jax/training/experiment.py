@@ -70,8 +70,7 @@ class Experiment:
             "image_shape": list(spec.image_shape),
             "vocab_size": spec.vocab_size,
         }
-        if hasattr(self.task, "trained_token_ids"):  # the rows of the token table the state holds
-            fingerprint["data"]["trained_token_ids"] = self.task.trained_token_ids.tolist()
+        fingerprint["data"].update(getattr(self.task, "fingerprint_data", {}))
         return CheckpointStore(
             os.path.join(self.workdir, "checkpoints"),
             fingerprint=fingerprint,

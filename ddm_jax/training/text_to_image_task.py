@@ -105,6 +105,11 @@ class TextToImageTask:
         text = params["text_encoder"]
         return {**params, "text_encoder": with_token_embedding(text, token_embedding(text)[self.trained_token_ids])}
 
+    @property
+    def fingerprint_data(self) -> dict:
+        """What the checkpoints' fingerprint records of this task: the token rows the state holds."""
+        return {"trained_token_ids": self.trained_token_ids.tolist()}
+
     def token_rows(self, tokens: np.ndarray) -> np.ndarray:
         """Token ids as indices into the trained rows (ids among `trained_token_ids`)."""
         return np.searchsorted(self.trained_token_ids, tokens).astype(np.int32)

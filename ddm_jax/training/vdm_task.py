@@ -7,7 +7,8 @@ A task is what `Experiment` needs of a model to train, evaluate and sample it on
   evaluate(params) -> {name: value};  samples(params, name) -> {"grid", "png", ...};
   export(params, directory) -> {name: path};  spec, the dataset's DatasetSpec; and optionally
   learning_rate_scales, {part: multiple} of the learning rate for parameters that are a dict of parts
-  (0: frozen; `optimizer.make_optimizer`), and trained_token_ids (in the checkpoints' fingerprint).
+  (0: frozen; `optimizer.make_optimizer`), and fingerprint_data, {name: JSON value} that the
+  train state depends on beyond the data's spec (kept in the checkpoints' fingerprint).
 Tasks are built by the builder layer (`builders.build_task`) and belong to it: they read their
 config's sections.
 """
