@@ -12,7 +12,8 @@ Stages, each skipped when its output exists (so a killed run continues where it 
   3. the attribute classifier --classifier names: by default the project's own,
      experiments/results/shapes_classifier.npz (trained by experiments/train_shapes_classifier.py,
      its record beside it), so that every record is judged by the same network; the scores kept
-     in WORKDIR are marked with the classifier file's sha256, and a run with another is refused;
+     in WORKDIR are marked with the classifier file's sha256 and the evaluation flags they used
+     (`judgement`), and a run that asks for other ones is refused before training;
   4. evaluation: one image for each of --num_prompts held-out test captions at every guidance scale
      of --scales (the same initial noise at every scale), scored by the classifier for shape,
      colour, position and count (the stand-in for CLIP score), and the Frechet distance of the
@@ -108,6 +109,8 @@ FLAGS = flags.FLAGS
 TIMES = "stage_seconds.json"
 EVALUATION = "evaluation.json"
 VAE_CEILING = "vae_ceiling.json"
+SAMPLING_FLAGS = ("num_prompts", "scales", "sampler", "steps")  # what a sample's score depends on
+JUDGING_FLAGS = {VAE_CEILING: ("num_prompts",), EVALUATION: (*SAMPLING_FLAGS, "num_showcase", "showcase_seeds")}
 
 
 def stage_times() -> dict:
@@ -233,27 +236,41 @@ def file_sha256(path: str) -> str:
         return hashlib.sha256(file.read()).hexdigest()
 
 
+def judgement(name: str, classifier_path: str) -> dict:
+    """What the scores kept in WORKDIR/name depend on besides the model: the classifier (its path
+    and its file's sha256) and the flags of the evaluation that apply to them (JUDGING_FLAGS; a
+    variant's: SAMPLING_FLAGS)."""
+    return {
+        "classifier": classifier_path,
+        "classifier_sha256": file_sha256(classifier_path),
+        **{flag: FLAGS[flag].value for flag in JUDGING_FLAGS.get(name, SAMPLING_FLAGS)},
+    }
+
+
 def judged(name: str, classifier_path: str, compute) -> dict:
-    """`cached` scores, marked with the classifier that gave them: its path and its file's sha256."""
-    return cached(
-        name, lambda: {**compute(), "classifier": classifier_path, "classifier_sha256": file_sha256(classifier_path)}
-    )
+    """`cached` scores, marked with their `judgement`."""
+    return cached(name, lambda: {**compute(), **judgement(name, classifier_path)})
 
 
-def scores_of_other_classifiers() -> dict:
-    """{file: the classifier's path} of the judged JSONs in WORKDIR that a classifier other than
-    --classifier's file scored (or one unknown: files from before the mark)."""
+def judged_otherwise() -> dict:
+    """{file: {key: (kept, asked)}} of the judged JSONs in WORKDIR whose classifier file or
+    evaluation flags differ from this run's (a key missing from an older file differs too)."""
     names = [VAE_CEILING, EVALUATION, *(f"variant_{name}.json" for name in FLAGS.variants)]
-    digest = file_sha256(FLAGS.classifier)
-    others = {}
+    stale = {}
     for name in names:
         path = os.path.join(FLAGS.workdir, name)
-        if os.path.isfile(path):
-            with open(path) as file:
-                scores = json.load(file)
-            if scores.get("classifier_sha256") != digest:
-                others[name] = scores.get("classifier")
-    return others
+        if not os.path.isfile(path):
+            continue
+        with open(path) as file:
+            kept = json.load(file)
+        asked = judgement(name, FLAGS.classifier)
+        differences = {key: (kept.get(key), value) for key, value in asked.items() if kept.get(key) != value}
+        differences.pop("classifier", None)  # the same file elsewhere is the same judge
+        if differences.pop("classifier_sha256", None):  # name the files, not their digests
+            differences["classifier"] = (kept.get("classifier"), FLAGS.classifier)
+        if differences:
+            stale[name] = differences
+    return stale
 
 
 def restored(config, stage: str):
@@ -644,12 +661,12 @@ def main(argv):
         FLAGS.classifier,
         "a trained attribute classifier (.npz; experiments/train_shapes_classifier.py)",
     )
-    others = scores_of_other_classifiers()
+    stale = judged_otherwise()
     check(
-        not others,
-        "--classifier",
-        FLAGS.classifier,
-        f"the classifier that scored what --workdir keeps ({others}); delete those files to score again",
+        not stale,
+        "--workdir",
+        FLAGS.workdir,
+        f"scores judged as this run asks, not {stale} ((kept, asked)); delete those files to score again",
     )
     missing = [path for path in grids_of_cached_evaluation() if not os.path.isfile(path)]
     check(
