@@ -61,12 +61,12 @@ from ddm_jax.evaluation.generate import images_to_uint8
 from ddm_jax.evaluation.images import image_grid, save_png, upscale_nearest
 from ddm_jax.evaluation.prompt_sensitivity import clean_latent_change
 from ddm_jax.evaluation.shapes_metrics import (
-    by_object_count,
     feature_statistics,
     load_shapes,
     load_shapes_classifier,
+    paired_difference,
     score_images,
-    summary,
+    summaries,
 )
 from ddm_jax.models import save_diffusers
 from ddm_jax.training import trainer
@@ -169,15 +169,6 @@ def ceilings(model, vae_params, data, classifier, num_examples: int, batch_size:
     }
 
 
-def summaries(scores: dict, prompts: list[str]) -> dict:
-    """The `summary` of scores over all prompts, and over the one- and the two-object prompts apart."""
-    by_objects = by_object_count(scores, prompts)
-    return {
-        "scores": summary(scores),
-        "by_objects": {str(count): summary(split) for count, split in by_objects.items()},
-    }
-
-
 def vae_ceiling(vae: dict, t2i_config, classifier_path: str) -> dict:
     """Stage 1 alone: its test PSNR and KL, and the `ceilings` of its reconstructions on the first
     --num_prompts test images (kept in WORKDIR/vae_ceiling.json)."""
@@ -196,7 +187,7 @@ def vae_ceiling(vae: dict, t2i_config, classifier_path: str) -> dict:
 def scores_at_scales(task, params, prompts, classifier, reference) -> tuple[list[dict], dict]:
     """One image per prompt at every guidance scale of --scales (the same initial noise at each):
     rows of classifier scores and Frechet distance against `reference` (mean, covariance), and
-    {scale: {head: per-prompt correctness}} for paired comparisons."""
+    {scale: {head: Score}} for paired comparisons."""
     rows, correct = [], {}
     for scale in (float(s) for s in FLAGS.scales):
         images = task.generate(
@@ -205,7 +196,7 @@ def scores_at_scales(task, params, prompts, classifier, reference) -> tuple[list
         scores = score_images(classifier, images, prompts)
         distance = frechet.frechet_distance(*feature_statistics(classifier, images), *reference)
         rows.append({"guidance_scale": scale, **summaries(scores, prompts), "frechet_distance": distance})
-        correct[scale] = {head: (score.correct, score.scored) for head, score in scores.items()}
+        correct[scale] = scores
     return rows, correct
 
 
@@ -329,17 +320,6 @@ def evaluation_stage(t2i_config, classifier_path: str) -> dict:
         }
 
     return judged(EVALUATION, classifier_path, evaluate)
-
-
-def paired_difference(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> dict:
-    """Accuracy of a minus that of b over the prompts both score, +- the standard error of the mean
-    of the per-prompt differences (the same prompts and initial noise: a paired comparison)."""
-    (correct_a, scored), (correct_b, _) = a, b
-    differences = correct_a[scored].astype(float) - correct_b[scored].astype(float)
-    return {
-        "difference": float(differences.mean()),
-        "standard_error": float(differences.std(ddof=1) / np.sqrt(len(differences))),
-    }
 
 
 PRETRAINED_TEXT_ENCODER = "text_encoder_pretrained"  # WORKDIR/<this>: the text encoder trained first

@@ -146,6 +146,17 @@ def test_true_predictions_against_other_images_prompts_are_right_only_where_thos
     assert 0 < scores["shapes"].accuracy < 0.5
 
 
+def test_paired_difference_is_the_mean_and_standard_error_of_per_image_differences():
+    a = sm._score(np.array([1, 1, 0, 1, 1], bool), np.array([1, 1, 1, 1, 0], bool))
+    b = sm._score(np.array([0, 1, 0, 0, 0], bool), np.ones(5, bool))
+    # Over the four images both score: differences 1, 0, 0, 1 (the fifth, which a does not score, is left out).
+    paired = sm.paired_difference(a, b)
+    assert paired["difference"] == pytest.approx(0.5)
+    assert paired["standard_error"] == pytest.approx(np.sqrt((4 * 0.25) / 3) / 2)
+    with pytest.raises(ArgumentError, match="b"):
+        sm.paired_difference(a, sm._score(np.ones(3, bool), np.ones(3, bool)))
+
+
 def test_scores_by_object_count_are_the_scores_of_each_count_s_prompts_alone(test_split):
     all_scenes = scenes("test", TINY.num_test)
     predictions = as_predictions(sm.attribute_targets(test_split["attributes"]))

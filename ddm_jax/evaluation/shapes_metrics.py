@@ -379,6 +379,29 @@ def by_object_count(scores: Mapping[str, Score], prompts: Sequence[str]) -> dict
     }
 
 
+def summaries(scores: Mapping[str, Score], prompts: Sequence[str]) -> dict:
+    """{"scores": `summary` over all prompts, "by_objects": {"k": `summary` over the prompts asking
+    for k objects}} of `score_images`'s scores for these prompts, for JSON."""
+    return {
+        "scores": summary(scores),
+        "by_objects": {str(count): summary(split) for count, split in by_object_count(scores, prompts).items()},
+    }
+
+
+def paired_difference(a: Score, b: Score) -> dict:
+    """{"difference", "standard_error"}: the accuracy of a minus that of b over the images both score,
+    +- the standard error of the mean of the per-image differences. For two models judged on the
+    same prompts from the same initial noise: a paired comparison, tighter than two binomial errors."""
+    check(len(a.scored) == len(b.scored), "b", f"a Score of {len(b.scored)} images", f"one of a's {len(a.scored)}")
+    scored = a.scored & b.scored
+    check(scored.sum() > 1, "b", f"a Score sharing {scored.sum()} scored images with a", "two or more")
+    differences = a.correct[scored].astype(float) - b.correct[scored].astype(float)
+    return {
+        "difference": float(differences.mean()),
+        "standard_error": float(differences.std(ddof=1) / np.sqrt(len(differences))),
+    }
+
+
 _PALETTE_ENTRIES = np.array(PALETTE + PATTERN_PALETTE, np.int32)  # Entry e is colour e % len(COLORS).
 
 

@@ -1,0 +1,182 @@
+"""Sample quality of the shapes text-to-image base against the sampler and its number of steps.
+
+The base (the diffusers folder experiments/t2i_base.py writes) is loaded as any SD checkpoint
+(`LatentDiffusion.load`) and generates through the public pipeline (`evaluation.generate.generate`):
+one image for each of the first --num_prompts test captions per setting (sampler, steps), at
+guidance --guidance_scale, every setting from the same initial latents (row b of PRNGKey(0), as
+t2i_base's evaluation, so the row of its sampler and steps repeats that record's row). The
+committed attribute classifier judges them as t2i_base does: shape, colour, position, count, the
+one- and two-object prompts apart, the Frechet distance of its features against the train split,
+and per-prompt paired differences against the --reference setting.
+
+  python -m experiments.t2i_samplers --base=workdirs/shapes_base \\
+      --results=experiments/results/t2i_samplers
+
+Writes RESULTS/t2i_samplers.{md,json}; reading notes below "<!-- notes -->" of an existing .md are
+kept.
+"""
+
+import json
+import os
+import sys
+import time
+
+import jax
+from absl import app, flags
+
+from ddm_jax.checks import check, check_choice, check_int
+from ddm_jax.diffusion import SAMPLERS
+from ddm_jax.evaluation import frechet
+from ddm_jax.evaluation.generate import generate
+from ddm_jax.evaluation.shapes_metrics import (
+    feature_statistics,
+    load_shapes,
+    load_shapes_classifier,
+    paired_difference,
+    score_images,
+    summaries,
+)
+from ddm_jax.models import LatentDiffusion
+from experiments.reports import kept_notes
+
+flags.DEFINE_string("base", "workdirs/shapes_base", "The text-to-image base, a diffusers folder.")
+flags.DEFINE_string(
+    "classifier", "experiments/results/shapes_classifier.npz", "The attribute classifier (.npz) that judges."
+)
+flags.DEFINE_string("results", "experiments/results", "Where t2i_samplers.{md,json} go.")
+flags.DEFINE_integer("num_prompts", 512, "Held-out test captions, one image each per setting.")
+flags.DEFINE_float("guidance_scale", 4.0, "Classifier-free guidance of every setting.")
+flags.DEFINE_list(
+    "settings",
+    [
+        "dpm_solver_pp:10",
+        "dpm_solver_pp:25",
+        "dpm_solver_pp:50",
+        "ddim:25",
+        "ddim:50",
+        "ddim:100",
+        "ancestral:50",
+        "ancestral:100",
+        "ancestral:250",
+    ],
+    "SAMPLER:STEPS pairs (SAMPLER a key of diffusion.SAMPLERS).",
+)
+flags.DEFINE_string("reference", "dpm_solver_pp:25", "The setting (one of --settings) the others are paired with.")
+FLAGS = flags.FLAGS
+
+PAIRED_HEADS = ("shapes", "colors")
+
+
+def parsed_setting(setting: str) -> tuple[str, int]:
+    """(sampler, steps) of "SAMPLER:STEPS"; ArgumentError naming --settings otherwise."""
+    sampler, _, steps = setting.partition(":")
+    check(steps.isdigit(), "--settings", setting, "SAMPLER:STEPS, e.g. ddim:50")
+    check_choice("--settings", sampler, SAMPLERS)
+    check_int("--settings", int(steps), minimum=1)
+    return sampler, int(steps)
+
+
+def unet_calls(steps: int, guidance_scale: float) -> int:
+    """UNet evaluations per image: one per step, two with guidance (conditional and unconditional)."""
+    return steps * (1 if guidance_scale == 1.0 else 2)
+
+
+def quality_row(model, params, prompts, classifier, reference, sampler: str, steps: int) -> tuple[dict, dict]:
+    """(the JSON row of one setting, its {head: Score} for paired comparisons)."""
+    start = time.time()
+    images = generate(
+        model,
+        params,
+        prompts,
+        rng=jax.random.PRNGKey(0),
+        guidance_scale=FLAGS.guidance_scale,
+        sampler=sampler,
+        steps=steps,
+    )
+    seconds = time.time() - start
+    scores = score_images(classifier, images, prompts)
+    distance = frechet.frechet_distance(*feature_statistics(classifier, images), *reference)
+    row = {
+        "sampler": sampler,
+        "steps": steps,
+        "unet_calls": unet_calls(steps, FLAGS.guidance_scale),
+        "seconds": seconds,
+        **summaries(scores, prompts),
+        "frechet_distance": distance,
+    }
+    return row, scores
+
+
+def accuracy(scores: dict, head: str) -> str:
+    return f"{scores[head]['accuracy']:.3f} +- {scores[head]['standard_error']:.3f}"
+
+
+def write_report(record: dict) -> None:
+    stem = os.path.join(FLAGS.results, "t2i_samplers")
+    with open(f"{stem}.json", "w") as file:
+        json.dump(record, file, indent=2)
+    rows = "\n".join(
+        f"| {row['sampler']} | {row['steps']} | {row['unet_calls']} | {accuracy(row['scores'], 'shapes')} | "
+        f"{accuracy(row['scores'], 'colors')} | {row['scores']['position']['accuracy']:.3f} | "
+        f"{row['by_objects']['2']['shapes']['accuracy']:.3f} | {row['frechet_distance']:.1f} | "
+        + " | ".join(
+            f"{row['minus_reference'][head]['difference']:+.3f} +- {row['minus_reference'][head]['standard_error']:.3f}"
+            for head in PAIRED_HEADS
+        )
+        + f" | {row['seconds']:.0f} |"
+        for row in record["rows"]
+    )
+    notes = kept_notes(f"{stem}.md")
+    with open(f"{stem}.md", "w") as file:
+        file.write(f"""# The shapes text-to-image base: sample quality against the sampler
+
+Command: `{record["command"]}`, on {record["device"]}. The base `{record["base"]}` generates one image
+for each of the first {record["num_prompts"]} test captions per setting at guidance
+{record["guidance_scale"]:g}, every setting from the same initial latents; the attribute classifier
+`{record["classifier"]}` reads them. Accuracy +- one binomial standard error; the paired columns are
+each setting's accuracy minus that of {record["reference"]} on the same prompts, +- the standard
+error of the per-prompt differences; Frechet distance in the classifier's features against the
+train split; seconds of generation on this machine, compilation included.
+
+| sampler | steps | UNet calls per image | shape | colour | position (one-object) | two-object shape | Frechet distance | shape paired | colour paired | seconds |
+|---|---|---|---|---|---|---|---|---|---|---|
+{rows}
+
+{notes}""")
+
+
+def main(argv):
+    del argv
+    settings = [parsed_setting(setting) for setting in FLAGS.settings]
+    check(FLAGS.reference in FLAGS.settings, "--reference", FLAGS.reference, f"one of --settings {FLAGS.settings}")
+    check(os.path.isfile(FLAGS.classifier), "--classifier", FLAGS.classifier, "a trained attribute classifier (.npz)")
+    model, params = LatentDiffusion.load(FLAGS.base)
+    os.makedirs(FLAGS.results, exist_ok=True)
+    classifier = load_shapes_classifier(FLAGS.classifier, image_size=32)
+    reference = feature_statistics(classifier, load_shapes("train")["image"])
+    prompts = load_shapes("test")["caption"][: FLAGS.num_prompts]
+    rows, scores = [], {}
+    for setting, (sampler, steps) in zip(FLAGS.settings, settings, strict=True):
+        row, scores[setting] = quality_row(model, params, prompts, classifier, reference, sampler, steps)
+        rows.append(row)
+        print(json.dumps({key: row[key] for key in ("sampler", "steps", "seconds", "frechet_distance")}), flush=True)
+    for setting, row in zip(FLAGS.settings, rows, strict=True):
+        row["minus_reference"] = {
+            head: paired_difference(scores[setting][head], scores[FLAGS.reference][head]) for head in PAIRED_HEADS
+        }
+    write_report(
+        {
+            "command": " ".join(["python -m experiments.t2i_samplers", *sys.argv[1:]]),
+            "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} cores",
+            "base": FLAGS.base,
+            "classifier": FLAGS.classifier,
+            "num_prompts": len(prompts),
+            "guidance_scale": FLAGS.guidance_scale,
+            "reference": FLAGS.reference,
+            "rows": rows,
+        }
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)
