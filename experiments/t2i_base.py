@@ -26,10 +26,10 @@ Stages, each skipped when its output exists (so a killed run continues where it 
      or three times the UNet's learning rate; the whole model at 2e-3 (the old recipe's twice) or
      4e-3; SD 2's v-prediction and v-MSE loss, its weighting alone, its parameterization alone, or
      SD 1's L_simple, instead of eps with Min-SNR-5; a UNet twice as wide for half the steps; a text
-     encoder twice as deep; or the recipe itself from another seed; or the recipe trained twice as
-     long; a variant that changes nothing in --t2i_config is refused), each for the recipe's budget
-     (but the last) in WORKDIR/<name>, scored as in 4 with paired per-prompt differences against
-     the recipe's model; kept in WORKDIR/variant_<name>.json;
+     encoder twice as deep; the UNet's attention in 2 heads for 4; or the recipe itself from another
+     seed; or the recipe trained twice as long; a variant that changes nothing in --t2i_config is
+     refused), each for the recipe's budget (but the last) in WORKDIR/<name>, scored as in 4 with
+     paired per-prompt differences against the recipe's model; kept in WORKDIR/variant_<name>.json;
   6. prompt sensitivity of the recipe's model and of each variant: how far one changed word of a
      prompt moves the predicted clean latent, per attribute and noise level.
 Writes experiments/results/t2i_base.{md,json} and t2i_base_prompt_*.png; reading notes below
@@ -351,6 +351,9 @@ VARIANTS = {
     "v_mse": {"model.weighting": "v_mse"},  # v_prediction's weighting (1 + 1/SNR) on the eps error, eps predicted
     # a text encoder of 4 layers for 2: does depth bind each colour to its shape in two-object prompts?
     "deep_text_encoder": {"model.text_encoder.num_hidden_layers": 4},
+    # the UNet's attention in 2 heads for 4 (heads of 16 and 32 dimensions for 8 and 16, the same
+    # FLOPs): do wider heads bind each shape to its colour in two-object prompts?
+    "two_attention_heads": {"model.unet.attention_head_dim": 2},
     "seed_1": {"training.seed": 1},  # the recipe from another seed: the spread of a single run
     "wide_unet": {  # a UNet twice as wide (3.2 times the FLOPs) for half the steps: the same wall time
         "model.unet.block_out_channels": (64, 128),
