@@ -2,17 +2,18 @@
 
 The base (the diffusers folder experiments/t2i_base.py writes) is loaded as any SD checkpoint
 (`LatentDiffusion.load`) and generates through the public pipeline (`evaluation.generate.generate`):
-one image for each of the first --num_prompts test captions per setting (sampler, steps), at
-guidance --guidance_scale, every setting from the same initial latents (row b of PRNGKey(0), as
-t2i_base's evaluation, so the row of its sampler and steps repeats that record's row). The
+one image for each of the first --num_prompts test captions per setting (sampler, steps) and
+guidance scale of --guidance_scales, every one from the same initial latents (row b of
+PRNGKey(0), as t2i_base's evaluation, so the rows of its sampler and steps repeat that record's).
+The
 committed attribute classifier judges them as t2i_base does: shape, colour, position, count, the
 one- and two-object prompts apart, the Frechet distance of its features against the train split,
-and per-prompt paired differences against the --reference setting.
+and per-prompt paired differences against the --reference setting at the same scale.
 
   python -m experiments.t2i_samplers --base=workdirs/shapes_base \\
       --results=experiments/results/t2i_samplers
 
-Writes RESULTS/t2i_samplers.{md,json}; reading notes below "<!-- notes -->" of an existing .md are
+Writes RESULTS/NAME.{md,json}; reading notes below "<!-- notes -->" of an existing .md are
 kept.
 """
 
@@ -43,9 +44,10 @@ flags.DEFINE_string("base", "workdirs/shapes_base", "The text-to-image base, a d
 flags.DEFINE_string(
     "classifier", "experiments/results/shapes_classifier.npz", "The attribute classifier (.npz) that judges."
 )
-flags.DEFINE_string("results", "experiments/results", "Where t2i_samplers.{md,json} go.")
+flags.DEFINE_string("results", "experiments/results", "Where NAME.{md,json} go.")
+flags.DEFINE_string("name", "t2i_samplers", "Stem of the result files in --results.")
 flags.DEFINE_integer("num_prompts", 512, "Held-out test captions, one image each per setting.")
-flags.DEFINE_float("guidance_scale", 4.0, "Classifier-free guidance of every setting.")
+flags.DEFINE_list("guidance_scales", ["4"], "Classifier-free guidance scales, each with every setting.")
 flags.DEFINE_list(
     "settings",
     [
@@ -76,20 +78,32 @@ def parsed_setting(setting: str) -> tuple[str, int]:
     return sampler, int(steps)
 
 
+def parsed_scale(scale: str) -> float:
+    """A guidance scale of --guidance_scales; ArgumentError naming it unless a number >= 0."""
+    try:
+        value = float(scale)
+    except ValueError:
+        value = float("nan")
+    check(value >= 0, "--guidance_scales", scale, "numbers >= 0")
+    return value
+
+
 def unet_calls(steps: int, guidance_scale: float) -> int:
     """UNet evaluations per image: one per step, two with guidance (conditional and unconditional)."""
     return steps * (1 if guidance_scale == 1.0 else 2)
 
 
-def quality_row(model, params, prompts, classifier, reference, sampler: str, steps: int) -> tuple[dict, dict]:
-    """(the JSON row of one setting, its {head: Score} for paired comparisons)."""
+def quality_row(
+    model, params, prompts, classifier, reference, sampler: str, steps: int, guidance_scale: float
+) -> tuple[dict, dict]:
+    """(the JSON row of one setting at one scale, its {head: Score} for paired comparisons)."""
     start = time.time()
     images = generate(
         model,
         params,
         prompts,
         rng=jax.random.PRNGKey(0),
-        guidance_scale=FLAGS.guidance_scale,
+        guidance_scale=guidance_scale,
         sampler=sampler,
         steps=steps,
     )
@@ -99,7 +113,8 @@ def quality_row(model, params, prompts, classifier, reference, sampler: str, ste
     row = {
         "sampler": sampler,
         "steps": steps,
-        "unet_calls": unet_calls(steps, FLAGS.guidance_scale),
+        "guidance_scale": guidance_scale,
+        "unet_calls": unet_calls(steps, guidance_scale),
         "seconds": seconds,
         **summaries(scores, prompts),
         "frechet_distance": distance,
@@ -111,35 +126,43 @@ def accuracy(scores: dict, head: str) -> str:
     return f"{scores[head]['accuracy']:.3f} +- {scores[head]['standard_error']:.3f}"
 
 
+def report_row(row: dict) -> str:
+    paired = row["minus_reference"]
+    cells = [
+        row["sampler"],
+        row["steps"],
+        f"{row['guidance_scale']:g}",
+        row["unet_calls"],
+        accuracy(row["scores"], "shapes"),
+        accuracy(row["scores"], "colors"),
+        f"{row['scores']['position']['accuracy']:.3f}",
+        f"{row['by_objects']['2']['shapes']['accuracy']:.3f}",
+        f"{row['frechet_distance']:.1f}",
+        *(f"{paired[head]['difference']:+.3f} +- {paired[head]['standard_error']:.3f}" for head in PAIRED_HEADS),
+        f"{row['seconds']:.0f}",
+    ]
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
 def write_report(record: dict) -> None:
-    stem = os.path.join(FLAGS.results, "t2i_samplers")
+    stem = os.path.join(FLAGS.results, FLAGS.name)
     with open(f"{stem}.json", "w") as file:
         json.dump(record, file, indent=2)
-    rows = "\n".join(
-        f"| {row['sampler']} | {row['steps']} | {row['unet_calls']} | {accuracy(row['scores'], 'shapes')} | "
-        f"{accuracy(row['scores'], 'colors')} | {row['scores']['position']['accuracy']:.3f} | "
-        f"{row['by_objects']['2']['shapes']['accuracy']:.3f} | {row['frechet_distance']:.1f} | "
-        + " | ".join(
-            f"{row['minus_reference'][head]['difference']:+.3f} +- {row['minus_reference'][head]['standard_error']:.3f}"
-            for head in PAIRED_HEADS
-        )
-        + f" | {row['seconds']:.0f} |"
-        for row in record["rows"]
-    )
+    rows = "\n".join(report_row(row) for row in record["rows"])
     notes = kept_notes(f"{stem}.md")
     with open(f"{stem}.md", "w") as file:
         file.write(f"""# The shapes text-to-image base: sample quality against the sampler
 
-Command: `{record["command"]}`, on {record["device"]}. The base `{record["base"]}` generates one image
-for each of the first {record["num_prompts"]} test captions per setting at guidance
-{record["guidance_scale"]:g}, every setting from the same initial latents; the attribute classifier
-`{record["classifier"]}` reads them. Accuracy +- one binomial standard error; the paired columns are
-each setting's accuracy minus that of {record["reference"]} on the same prompts, +- the standard
-error of the per-prompt differences; Frechet distance in the classifier's features against the
-train split; seconds of generation on this machine, compilation included.
+Command: `{record["command"]}`, on {record["device"]}. The base `{record["base"]}` generates one
+image for each of the first {record["num_prompts"]} test captions per setting and guidance scale,
+every one from the same initial latents; the attribute classifier `{record["classifier"]}` reads
+them. Accuracy +- one binomial standard error; the paired columns are each row's accuracy minus that
+of {record["reference"]} at the same scale, +- the standard error of the per-prompt differences;
+Frechet distance in the classifier's features against the train split; seconds of generation on
+this machine, compilation included.
 
-| sampler | steps | UNet calls per image | shape | colour | position (one-object) | two-object shape | Frechet distance | shape paired | colour paired | seconds |
-|---|---|---|---|---|---|---|---|---|---|---|
+| sampler | steps | guidance | UNet calls per image | shape | colour | position (one-object) | two-object shape | Frechet distance | shape paired | colour paired | seconds |
+|---|---|---|---|---|---|---|---|---|---|---|---|
 {rows}
 
 {notes}""")
@@ -148,6 +171,7 @@ train split; seconds of generation on this machine, compilation included.
 def main(argv):
     del argv
     settings = [parsed_setting(setting) for setting in FLAGS.settings]
+    scales = [parsed_scale(scale) for scale in FLAGS.guidance_scales]
     check(FLAGS.reference in FLAGS.settings, "--reference", FLAGS.reference, f"one of --settings {FLAGS.settings}")
     check(os.path.isfile(FLAGS.classifier), "--classifier", FLAGS.classifier, "a trained attribute classifier (.npz)")
     model, params = LatentDiffusion.load(FLAGS.base)
@@ -155,15 +179,17 @@ def main(argv):
     classifier = load_shapes_classifier(FLAGS.classifier, image_size=32)
     reference = feature_statistics(classifier, load_shapes("train")["image"])
     prompts = load_shapes("test")["caption"][: FLAGS.num_prompts]
-    rows, scores = [], {}
-    for setting, (sampler, steps) in zip(FLAGS.settings, settings, strict=True):
-        row, scores[setting] = quality_row(model, params, prompts, classifier, reference, sampler, steps)
-        rows.append(row)
-        print(json.dumps({key: row[key] for key in ("sampler", "steps", "seconds", "frechet_distance")}), flush=True)
-    for setting, row in zip(FLAGS.settings, rows, strict=True):
-        row["minus_reference"] = {
-            head: paired_difference(scores[setting][head], scores[FLAGS.reference][head]) for head in PAIRED_HEADS
-        }
+    rows = []
+    for scale in scales:
+        scores = {}
+        for setting, (sampler, steps) in zip(FLAGS.settings, settings, strict=True):
+            row, scores[setting] = quality_row(model, params, prompts, classifier, reference, sampler, steps, scale)
+            rows.append(row)
+            print(json.dumps({key: row[key] for key in ("sampler", "steps", "guidance_scale", "seconds")}), flush=True)
+        for setting, row in zip(FLAGS.settings, rows[-len(settings) :], strict=True):
+            row["minus_reference"] = {
+                head: paired_difference(scores[setting][head], scores[FLAGS.reference][head]) for head in PAIRED_HEADS
+            }
     write_report(
         {
             "command": " ".join(["python -m experiments.t2i_samplers", *sys.argv[1:]]),
@@ -171,7 +197,6 @@ def main(argv):
             "base": FLAGS.base,
             "classifier": FLAGS.classifier,
             "num_prompts": len(prompts),
-            "guidance_scale": FLAGS.guidance_scale,
             "reference": FLAGS.reference,
             "rows": rows,
         }
