@@ -5,10 +5,9 @@ The base (the diffusers folder experiments/t2i_base.py writes) is loaded as any 
 one image for each of the first --num_prompts test captions per setting (sampler, steps) and
 guidance scale of --guidance_scales, every one from the same initial latents (row b of
 PRNGKey(0), as t2i_base's evaluation, so the rows of its sampler and steps repeat that record's).
-The
-committed attribute classifier judges them as t2i_base does: shape, colour, position, count, the
-one- and two-object prompts apart, the Frechet distance of its features against the train split,
-and per-prompt paired differences against the --reference setting at the same scale.
+The committed attribute classifier judges them as t2i_base does: shape, colour, position, count,
+the one- and two-object prompts apart, the Frechet distance of its features against the train
+split, and per-prompt paired differences against the --reference setting at the same scale.
 
   python -m experiments.t2i_samplers --base=workdirs/shapes_base \\
       --results=experiments/results/t2i_samplers

@@ -153,6 +153,8 @@ def test_paired_difference_is_the_mean_and_standard_error_of_per_image_differenc
     paired = sm.paired_difference(a, b)
     assert paired["difference"] == pytest.approx(0.5)
     assert paired["standard_error"] == pytest.approx(np.sqrt((4 * 0.25) / 3) / 2)
+    one_shared = sm.paired_difference(a, sm._score(np.ones(5, bool), np.eye(5, dtype=bool)[0]))
+    assert one_shared["difference"] == 0.0 and np.isnan(one_shared["standard_error"])
     with pytest.raises(ArgumentError, match="b"):
         sm.paired_difference(a, sm._score(np.ones(3, bool), np.ones(3, bool)))
 

@@ -391,14 +391,15 @@ def summaries(scores: Mapping[str, Score], prompts: Sequence[str]) -> dict:
 def paired_difference(a: Score, b: Score) -> dict:
     """{"difference", "standard_error"}: the accuracy of a minus that of b over the images both score,
     +- the standard error of the mean of the per-image differences. For two models judged on the
-    same prompts from the same initial noise: a paired comparison, tighter than two binomial errors."""
+    same prompts from the same initial noise: a paired comparison, tighter than two binomial errors.
+    ArgumentError when a and b are not of the same images (lengths differ)."""
     check(len(a.scored) == len(b.scored), "b", f"a Score of {len(b.scored)} images", f"one of a's {len(a.scored)}")
     scored = a.scored & b.scored
-    check(scored.sum() > 1, "b", f"a Score sharing {scored.sum()} scored images with a", "two or more")
     differences = a.correct[scored].astype(float) - b.correct[scored].astype(float)
-    return {
-        "difference": float(differences.mean()),
-        "standard_error": float(differences.std(ddof=1) / np.sqrt(len(differences))),
+    count = len(differences)
+    return {  # nan where too few images are scored (as `Score.accuracy`), not an error after sampling
+        "difference": float(differences.mean()) if count else float("nan"),
+        "standard_error": float(differences.std(ddof=1) / np.sqrt(count)) if count > 1 else float("nan"),
     }
 
 
