@@ -2,12 +2,13 @@
 
 The base (the diffusers folder experiments/t2i_base.py writes) is loaded as any SD checkpoint
 (`LatentDiffusion.load`) and generates through the public pipeline (`evaluation.generate.generate`):
-one image for each of the first --num_prompts test captions per setting (sampler, steps) and
-guidance scale of --guidance_scales, every one from the same initial latents (row b of
-PRNGKey(0), as t2i_base's evaluation, so the rows of its sampler and steps repeat that record's).
-The committed attribute classifier judges them as t2i_base does: shape, colour, position, count,
-the one- and two-object prompts apart, the Frechet distance of its features against the train
-split, and per-prompt paired differences against the --reference setting at the same scale.
+one image for each of the first --num_prompts test captions per setting (sampler, steps, its own
+settings) and guidance scale of --guidance_scales, every one from the same initial latents (row b
+of PRNGKey(0), as t2i_base's evaluation, so the rows of its sampler and steps repeat that
+record's). The committed attribute classifier judges them as t2i_base does: shape, colour,
+position, count, the one- and two-object prompts apart, the Frechet distance of its features
+against the train split, and per-prompt paired differences against the --reference setting at the
+same scale.
 
   python -m experiments.t2i_samplers --base=workdirs/shapes_base \\
       --results=experiments/results/t2i_samplers
@@ -26,6 +27,7 @@ from absl import app, flags
 
 from ddm_jax.checks import check, check_choice, check_int
 from ddm_jax.diffusion import SAMPLERS
+from ddm_jax.diffusion.samplers import check_settings
 from ddm_jax.evaluation import frechet
 from ddm_jax.evaluation.generate import generate
 from ddm_jax.evaluation.shapes_metrics import (
@@ -60,7 +62,7 @@ flags.DEFINE_list(
         "ancestral:100",
         "ancestral:250",
     ],
-    "SAMPLER:STEPS pairs (SAMPLER a key of diffusion.SAMPLERS).",
+    "SAMPLER:STEPS[:NAME=VALUE...]: a key of diffusion.SAMPLERS, its steps and other settings (ddim:50:eta=0.5).",
 )
 flags.DEFINE_string("reference", "dpm_solver_pp:25", "The setting (one of --settings) the others are paired with.")
 FLAGS = flags.FLAGS
@@ -68,13 +70,26 @@ FLAGS = flags.FLAGS
 PAIRED_HEADS = ("shapes", "colors")
 
 
-def parsed_setting(setting: str) -> tuple[str, int]:
-    """(sampler, steps) of "SAMPLER:STEPS"; ArgumentError naming --settings otherwise."""
-    sampler, _, steps = setting.partition(":")
-    check(steps.isdigit(), "--settings", setting, "SAMPLER:STEPS, e.g. ddim:50")
+def setting_value(value: str) -> float | str:
+    """A sampler setting's value: a number where it reads as one (eta=0.5), else the text (grid=log_snr)."""
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def parsed_setting(setting: str) -> tuple[str, int, dict]:
+    """(sampler, steps, its other settings) of "SAMPLER:STEPS[:NAME=VALUE...]"; ArgumentError naming
+    --settings (or the setting's NAME) otherwise."""
+    sampler, _, rest = setting.partition(":")
+    steps, *options = rest.split(":")
+    check(steps.isdigit(), "--settings", setting, "SAMPLER:STEPS[:NAME=VALUE...], e.g. ddim:50:eta=0.5")
     check_choice("--settings", sampler, SAMPLERS)
     check_int("--settings", int(steps), minimum=1)
-    return sampler, int(steps)
+    check(all("=" in option for option in options), "--settings", setting, "a sampler's settings as NAME=VALUE")
+    settings = {name: setting_value(value) for name, value in (option.split("=", 1) for option in options)}
+    check_settings(sampler, settings)
+    return sampler, int(steps), settings
 
 
 def parsed_scale(scale: str) -> float:
@@ -93,7 +108,7 @@ def unet_calls(steps: int, guidance_scale: float) -> int:
 
 
 def quality_row(
-    model, params, prompts, classifier, reference, sampler: str, steps: int, guidance_scale: float
+    model, params, prompts, classifier, reference, sampler: str, steps: int, settings: dict, guidance_scale: float
 ) -> tuple[dict, dict]:
     """(the JSON row of one setting at one scale, its {head: Score} for paired comparisons)."""
     start = time.time()
@@ -105,6 +120,7 @@ def quality_row(
         guidance_scale=guidance_scale,
         sampler=sampler,
         steps=steps,
+        **settings,
     )
     seconds = time.time() - start
     scores = score_images(classifier, images, prompts)
@@ -112,6 +128,7 @@ def quality_row(
     row = {
         "sampler": sampler,
         "steps": steps,
+        "settings": settings,
         "guidance_scale": guidance_scale,
         "unet_calls": unet_calls(steps, guidance_scale),
         "seconds": seconds,
@@ -128,7 +145,7 @@ def accuracy(scores: dict, head: str) -> str:
 def report_row(row: dict) -> str:
     paired = row["minus_reference"]
     cells = [
-        row["sampler"],
+        ", ".join([row["sampler"], *(f"{name}={value}" for name, value in row["settings"].items())]),
         row["steps"],
         f"{row['guidance_scale']:g}",
         row["unet_calls"],
@@ -181,8 +198,8 @@ def main(argv):
     rows = []
     for scale in scales:
         scores = {}
-        for setting, (sampler, steps) in zip(FLAGS.settings, settings, strict=True):
-            row, scores[setting] = quality_row(model, params, prompts, classifier, reference, sampler, steps, scale)
+        for setting, parsed in zip(FLAGS.settings, settings, strict=True):
+            row, scores[setting] = quality_row(model, params, prompts, classifier, reference, *parsed, scale)
             rows.append(row)
             print(json.dumps({key: row[key] for key in ("sampler", "steps", "guidance_scale", "seconds")}), flush=True)
         for setting, row in zip(FLAGS.settings, rows[-len(settings) :], strict=True):
