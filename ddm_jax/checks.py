@@ -40,6 +40,11 @@ def is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def is_real(value: Any) -> bool:
+    """A Python or NumPy integer or float, not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
 def check_int(argument: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> None:
     """An integer in [minimum, maximum] (either bound may be None)."""
     if minimum is not None and maximum is not None:
@@ -67,9 +72,10 @@ def check_interval(
     argument: str, value: Any, low: float, high: float, *, closed_low: bool = True, closed_high: bool = False
 ) -> None:
     """A real number in the interval from low to high ([low, high) by default)."""
-    is_real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
     inside = (
-        is_real and (value >= low if closed_low else value > low) and (value <= high if closed_high else value < high)
+        is_real(value)
+        and (value >= low if closed_low else value > low)
+        and (value <= high if closed_high else value < high)
     )
     interval = f"{'[' if closed_low else '('}{low}, {high}{']' if closed_high else ')'}"
     check(inside, argument, value, f"a number in {interval}")

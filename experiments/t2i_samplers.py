@@ -3,7 +3,7 @@
 The base (the diffusers folder experiments/t2i_base.py writes) is loaded as any SD checkpoint
 (`LatentDiffusion.load`) and generates through the public pipeline (`evaluation.generate.generate`):
 one image for each of the first --num_prompts test captions per setting (sampler, steps, its own
-settings) and guidance scale of --guidance_scales, every one from the same initial latents (row b
+settings, a guidance interval) and guidance scale of --guidance_scales, every one from the same initial latents (row b
 of PRNGKey(0), as t2i_base's evaluation, so the rows of its sampler and steps repeat that
 record's). The committed attribute classifier judges them as t2i_base does: shape, colour,
 position, count, the one- and two-object prompts apart, the Frechet distance of its features
@@ -26,10 +26,10 @@ import jax
 from absl import app, flags
 
 from ddm_jax.checks import check, check_choice, check_int
-from ddm_jax.diffusion import SAMPLERS
+from ddm_jax.diffusion import SAMPLERS, time_grid
 from ddm_jax.diffusion.samplers import check_settings
 from ddm_jax.evaluation import frechet
-from ddm_jax.evaluation.generate import generate
+from ddm_jax.evaluation.generate import check_guidance_interval, generate
 from ddm_jax.evaluation.shapes_metrics import (
     feature_statistics,
     load_shapes,
@@ -62,7 +62,8 @@ flags.DEFINE_list(
         "ancestral:100",
         "ancestral:250",
     ],
-    "SAMPLER:STEPS[:NAME=VALUE...]: a key of diffusion.SAMPLERS, its steps and other settings (ddim:50:eta=0.5).",
+    "SAMPLER:STEPS[:NAME=VALUE...]: a key of diffusion.SAMPLERS, its steps and other settings (ddim:50:eta=0.5), "
+    "and guidance_interval=LOW..HIGH in gamma = -log SNR (ancestral:50:guidance_interval=-2.55..2.13).",
 )
 flags.DEFINE_string("reference", "dpm_solver_pp:25", "The setting (one of --settings) the others are paired with.")
 FLAGS = flags.FLAGS
@@ -78,17 +79,32 @@ def setting_value(value: str) -> float | str:
         return value
 
 
+def parsed_interval(value: str) -> tuple[float, float]:
+    """(gamma_low, gamma_high) of "LOW..HIGH" (-inf and inf allowed); ArgumentError naming guidance_interval."""
+    bounds = value.split("..")
+    try:
+        interval = tuple(float(bound) for bound in bounds)
+    except ValueError:
+        interval = value
+    return check_guidance_interval(interval)
+
+
 def parsed_setting(setting: str) -> tuple[str, int, dict]:
-    """(sampler, steps, its other settings) of "SAMPLER:STEPS[:NAME=VALUE...]"; ArgumentError naming
-    --settings (or the setting's NAME) otherwise."""
+    """(sampler, steps, the other keyword arguments of `generate`: the sampler's settings and
+    guidance_interval) of "SAMPLER:STEPS[:NAME=VALUE...]"; ArgumentError naming --settings (or the
+    setting's NAME) otherwise."""
     sampler, _, rest = setting.partition(":")
     steps, *options = rest.split(":")
     check(steps.isdigit(), "--settings", setting, "SAMPLER:STEPS[:NAME=VALUE...], e.g. ddim:50:eta=0.5")
     check_choice("--settings", sampler, SAMPLERS)
     check_int("--settings", int(steps), minimum=1)
     check(all("=" in option for option in options), "--settings", setting, "a sampler's settings as NAME=VALUE")
-    settings = {name: setting_value(value) for name, value in (option.split("=", 1) for option in options)}
+    settings = dict(option.split("=", 1) for option in options)
+    interval = settings.pop("guidance_interval", None)
+    settings = {name: setting_value(value) for name, value in settings.items()}
     check_settings(sampler, settings)
+    if interval is not None:
+        settings["guidance_interval"] = parsed_interval(interval)
     return sampler, int(steps), settings
 
 
@@ -102,9 +118,17 @@ def parsed_scale(scale: str) -> float:
     return value
 
 
-def unet_calls(steps: int, guidance_scale: float) -> int:
-    """UNet evaluations per image: one per step, two with guidance (conditional and unconditional)."""
-    return steps * (1 if guidance_scale == 1.0 else 2)
+def unet_calls(gamma_fn, steps: int, settings: dict, guidance_scale: float) -> int:
+    """UNet evaluations per image of a grid sampler (one at each grid point but the last): one per
+    step, two at the steps guidance applies to (conditional and unconditional): every step, or
+    those whose gamma lies in the guidance interval."""
+    if guidance_scale == 1.0:
+        return steps
+    if settings.get("guidance_interval") is None:
+        return 2 * steps
+    low, high = settings["guidance_interval"]
+    gammas = gamma_fn(time_grid(settings.get("grid", "uniform"), gamma_fn, steps)[:-1])
+    return steps + int(((gammas > low) & (gammas <= high)).sum())
 
 
 def quality_row(
@@ -130,7 +154,7 @@ def quality_row(
         "steps": steps,
         "settings": settings,
         "guidance_scale": guidance_scale,
-        "unet_calls": unet_calls(steps, guidance_scale),
+        "unet_calls": unet_calls(model.gamma_fn, steps, settings, guidance_scale),
         "seconds": seconds,
         **summaries(scores, prompts),
         "frechet_distance": distance,

@@ -205,6 +205,30 @@ def test_guidance_scales_one_and_zero_and_the_batched_call(loaded):
     assert relative_error(cond, uncond) > 1e-3  # the two halves differ, so the checks above can fail
 
 
+def test_guidance_interval_guides_inside_it_and_takes_the_conditional_prediction_elsewhere():
+    """(gamma_low, gamma_high] = (-1, 1]: rows at gamma 1 and 0.5 are guided, rows at -1 and 3 are
+    conditional; a batch with no row inside is conditional throughout (the branch of one half)."""
+
+    def conditional_fn(z, gamma, condition):
+        return z * condition[:, None] + gamma[:, None] ** 2
+
+    @jax.jit
+    def interval_guided(z, gamma, condition, null_condition):
+        return guided_denoise_fn(conditional_fn, condition, null_condition, 3.0, (-1.0, 1.0))(z, gamma)
+
+    z = jnp.arange(12.0).reshape(4, 3)
+    condition, null_condition = jnp.array([1.0, 2.0, -1.0, 0.5]), jnp.array([0.0, 1.0, 3.0, -2.0])
+    conditional = np.asarray(conditional_fn(z, jnp.array([1.0, 0.5, -1.0, 3.0]), condition))
+    unconditional = np.asarray(conditional_fn(z, jnp.array([1.0, 0.5, -1.0, 3.0]), null_condition))
+    guided = unconditional + 3.0 * (conditional - unconditional)
+    found = interval_guided(z, jnp.array([1.0, 0.5, -1.0, 3.0]), condition, null_condition)
+    np.testing.assert_allclose(found, np.concatenate([guided[:2], conditional[2:]]), rtol=1e-6)
+    outside = jnp.array([-1.0, -3.0, 3.0, 1.5])
+    found = interval_guided(z, outside, condition, null_condition)
+    np.testing.assert_allclose(found, conditional_fn(z, outside, condition), rtol=1e-6)
+    assert not np.allclose(guided, conditional)  # guidance changes the rows, so the checks above can fail
+
+
 def test_negative_prompt_replaces_the_unconditional_half(loaded):
     """At w = 0 the images are the negative prompt's alone: those of that prompt at w = 1."""
     model, params = loaded["sd1_tiny"]
@@ -215,6 +239,16 @@ def test_negative_prompt_replaces_the_unconditional_half(loaded):
     conditional = generate(model, params, ["a red square", "blue"], **{**settings, "guidance_scale": 1.0})
     np.testing.assert_array_equal(unconditional, conditional)
     assert not np.array_equal(unconditional, generate(model, params, PROMPTS, **{**settings, "guidance_scale": 1.0}))
+
+
+def test_a_guidance_interval_without_a_step_inside_gives_the_conditional_images(loaded):
+    """SD's noise levels lie in gamma = -log SNR within (-8, 6): an interval above them guides no step."""
+    model, params = loaded["sd1_tiny"]
+    settings = {**PIPELINE, "rng": jax.random.key(3)}
+    conditional = generate(model, params, PROMPTS, **{**settings, "guidance_scale": 1.0})
+    unguided = generate(model, params, PROMPTS, **settings, guidance_interval=(10.0, float("inf")))
+    np.testing.assert_array_equal(unguided, conditional)
+    assert not np.array_equal(conditional, generate(model, params, PROMPTS, **settings))
 
 
 # The pipeline.
@@ -289,6 +323,8 @@ def test_prompts_that_are_not_unicode_text_are_one_clear_error(loaded):
         (dict(sampler="euler"), "sampler"),
         (dict(z_1=np.zeros((2, 8, 8, 4))), "z_1"),
         (dict(guidance_scale="high"), "guidance_scale"),
+        (dict(guidance_interval=(2.0, -2.0)), "guidance_interval"),
+        (dict(guidance_interval=(0.0,)), "guidance_interval"),
         (dict(steps=0), "steps"),
         (dict(negative_prompts=["a", "b", "c"]), "negative_prompts"),
     ],
@@ -350,6 +386,7 @@ def test_latents_are_the_scaled_vae_latents(family):
         ("sampler", "euler", PROMPTS, "sampler"),
         ("grid", "cosine", PROMPTS, "grid"),
         ("eta", 1.5, PROMPTS, "eta"),
+        ("guidance_interval", (1.0, float("nan")), PROMPTS, "guidance_interval"),
         ("dtype", "float64", PROMPTS, "dtype"),
         ("output", "../elsewhere", PROMPTS, "output"),
         ("num_images", 0, PROMPTS, "num_images"),

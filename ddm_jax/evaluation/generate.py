@@ -3,8 +3,9 @@
 prompts -> CLIP ids -> text states c; negative prompts (the empty prompt by default) -> c_null;
 classifier-free guidance (Ho & Salimans 2022, eq. 6), prediction = p(c_null) + w (p(c) - p(c_null)),
 as `diffusion.guided_denoise_fn` (both halves in one batched UNet call; w = 1 one conditional
-call); latents z_1 ~ N(0, I), drawn per example; any sampler of `diffusion.SAMPLERS` from t = 1
-to t = 0; the VAE decodes z_0; uint8 RGB.
+call), at every noise level or in a limited interval of them (Kynkaanniemi et al. 2024); latents
+z_1 ~ N(0, I), drawn per example; any sampler of `diffusion.SAMPLERS` from t = 1 to t = 0; the VAE
+decodes z_0; uint8 RGB.
 
 Everything from the ids to the decoded images is one jitted function whose arguments are the
 parameters, the ids and the key (compiled once per model, sampler settings, guidance scale and
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from ddm_jax.checks import PyTree, check, check_int
+from ddm_jax.checks import PyTree, check, check_int, is_real
 from ddm_jax.diffusion import guided_denoise_fn, sample
 from ddm_jax.diffusion.samplers import check_settings
 from ddm_jax.evaluation.images import save_png
@@ -44,9 +45,28 @@ def as_prompt_list(argument: str, prompts: str | Sequence[str]) -> list[str]:
 
 def check_guidance_scale(guidance_scale) -> float:
     """A finite real number w, as a Python float (the jitted function is specialised on it)."""
-    is_real = isinstance(guidance_scale, (int, float, np.integer, np.floating)) and not isinstance(guidance_scale, bool)
-    check(is_real and math.isfinite(guidance_scale), "guidance_scale", guidance_scale, "a finite real number")
+    check(
+        is_real(guidance_scale) and math.isfinite(guidance_scale),
+        "guidance_scale",
+        guidance_scale,
+        "a finite real number",
+    )
     return float(guidance_scale)
+
+
+def check_guidance_interval(guidance_interval) -> tuple[float, float] | None:
+    """None, or (gamma_low, gamma_high) as Python floats: real numbers (either may be infinite) with
+    gamma_low < gamma_high."""
+    if guidance_interval is None:
+        return None
+    bounds = tuple(guidance_interval) if isinstance(guidance_interval, (tuple, list)) else ()
+    check(
+        len(bounds) == 2 and all(is_real(bound) for bound in bounds) and bounds[0] < bounds[1],
+        "guidance_interval",
+        guidance_interval,
+        "None or (gamma_low, gamma_high), real numbers with gamma_low < gamma_high (gamma = -log SNR)",
+    )
+    return float(bounds[0]), float(bounds[1])
 
 
 def per_example_normal(rng: jax.Array, batch: int, shape: tuple[int, ...]) -> jax.Array:
@@ -62,7 +82,16 @@ def images_to_uint8(images: np.ndarray) -> np.ndarray:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("model", "guidance_scale", "sampler", "steps", "latent_shape", "settings", "batch_sharding"),
+    static_argnames=(
+        "model",
+        "guidance_scale",
+        "guidance_interval",
+        "sampler",
+        "steps",
+        "latent_shape",
+        "settings",
+        "batch_sharding",
+    ),
 )
 def sample_images(
     params: PyTree,
@@ -77,14 +106,18 @@ def sample_images(
     latent_shape: tuple[int, int, int],
     settings: tuple[tuple[str, object], ...],
     batch_sharding: NamedSharding,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> tuple[jax.Array, dict]:
     """(images [B, H, W, 3] in [-1, 1], not clipped; the sampler's info) of the ids [B, L] of the
     prompts and of the unconditional (negative) prompts. `settings` are the sampler's other keyword
-    settings as (name, value) pairs; `batch_sharding` splits the batch of the latents."""
+    settings as (name, value) pairs; `batch_sharding` splits the batch of the latents;
+    `guidance_interval` as in `generate`."""
     rng_latents, rng_sampler = jax.random.split(rng)
     context = model.encode_prompts(params["text_encoder"], token_ids)
     null_context = model.encode_prompts(params["text_encoder"], null_token_ids)
-    denoise_fn = guided_denoise_fn(model.conditional_fn(params["unet"]), context, null_context, guidance_scale)
+    denoise_fn = guided_denoise_fn(
+        model.conditional_fn(params["unet"]), context, null_context, guidance_scale, guidance_interval
+    )
     z_1 = jax.lax.with_sharding_constraint(
         per_example_normal(rng_latents, token_ids.shape[0], latent_shape), batch_sharding
     )
@@ -110,6 +143,7 @@ def generate(
     rng: jax.Array,
     negative_prompts: str | Sequence[str] | None = None,
     guidance_scale: float = 7.5,
+    guidance_interval: tuple[float, float] | None = None,
     sampler: str = "ddim",
     steps: int = 50,
     height: int | None = None,
@@ -129,6 +163,9 @@ def generate(
         every prompt, or one per prompt. Unused when guidance_scale is 1.
       guidance_scale: w of classifier-free guidance; 1 is the conditional model alone (one UNet
         call per step), 0 the unconditional one.
+      guidance_interval: None (guidance at every step) or (gamma_low, gamma_high): guidance only
+        at the noise levels gamma_low < gamma <= gamma_high (gamma = -log SNR, EDM's sigma =
+        exp(gamma / 2)), the conditional prediction alone (one UNet call) at the others.
       sampler: a key of `diffusion.SAMPLERS` ("ancestral", "ddim", "dpm_solver_pp", "ode").
       steps: sampling steps (the ODE solver's initial steps).
       height, width: image size in pixels; default the UNet's sample_size times the VAE's factor.
@@ -156,6 +193,7 @@ def generate(
         f"one str, or one per prompt ({len(prompts)})",
     )
     guidance_scale = check_guidance_scale(guidance_scale)
+    guidance_interval = check_guidance_interval(guidance_interval)
     check_int("steps", steps, minimum=1)
     check_settings(sampler, sampler_settings)
     for key in PIPELINE_SETTINGS:
@@ -171,6 +209,7 @@ def generate(
         rng,
         model=model,
         guidance_scale=guidance_scale,
+        guidance_interval=guidance_interval,
         sampler=sampler,
         steps=steps,
         latent_shape=latent_shape,

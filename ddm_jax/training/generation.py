@@ -13,7 +13,13 @@ import ml_collections
 from ddm_jax.checks import check, check_choice, check_int, check_interval, config_fields
 from ddm_jax.diffusion import GRIDS
 from ddm_jax.diffusion.samplers import check_settings
-from ddm_jax.evaluation.generate import as_prompt_list, check_guidance_scale, generate, save_images
+from ddm_jax.evaluation.generate import (
+    as_prompt_list,
+    check_guidance_interval,
+    check_guidance_scale,
+    generate,
+    save_images,
+)
 from ddm_jax.models.clip_tokenizer import check_text
 from ddm_jax.models.diffusers_io import LOAD_DTYPES
 from ddm_jax.models.latent_diffusion import LatentDiffusion
@@ -48,6 +54,7 @@ def check_generation_config(config: ml_collections.ConfigDict, prompts) -> list[
     if config.eta is not None:
         check_interval("eta", config.eta, 0.0, 1.0, closed_high=True)
     check_guidance_scale(config.guidance_scale)
+    check_guidance_interval(config.guidance_interval)
     check_text("negative_prompt", config.negative_prompt)
     check_int("num_images", config.num_images, minimum=1)
     check_int("seed", config.seed)
@@ -91,6 +98,7 @@ def generate_from_config(config: ml_collections.ConfigDict, workdir: str, prompt
             rng=jax.random.key(config.seed),
             negative_prompts=config.negative_prompt,
             guidance_scale=config.guidance_scale,
+            guidance_interval=config.guidance_interval,
             sampler=config.sampler,
             steps=config.steps,
             height=config.height,
