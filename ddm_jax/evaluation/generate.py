@@ -9,7 +9,7 @@ decodes z_0; uint8 RGB.
 
 Everything from the ids to the decoded images is one jitted function whose arguments are the
 parameters, the ids and the key (compiled once per model, sampler settings, guidance scale and
-batch shape), on a device mesh: the batch split over its "data" axis, the parameters replicated.
+interval, and batch shape), on a device mesh: the batch split over its "data" axis, the parameters replicated.
 """
 
 import functools
