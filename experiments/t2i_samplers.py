@@ -3,12 +3,12 @@
 The base (the diffusers folder experiments/t2i_base.py writes) is loaded as any SD checkpoint
 (`LatentDiffusion.load`) and generates through the public pipeline (`evaluation.generate.generate`):
 one image for each of the first --num_prompts test captions per setting (sampler, steps, its own
-settings, a guidance interval) and guidance scale of --guidance_scales, every one from the same initial latents (row b
-of PRNGKey(0), as t2i_base's evaluation, so the rows of its sampler and steps repeat that
-record's). The committed attribute classifier judges them as t2i_base does: shape, colour,
-position, count, the one- and two-object prompts apart, the Frechet distance of its features
-against the train split, and per-prompt paired differences against the --reference setting at the
-same scale.
+settings, a guidance interval) and guidance scale of --guidance_scales, every one from the same
+initial latents (row b of PRNGKey(0), as t2i_base's evaluation, so the rows of its sampler and
+steps repeat that record's). The committed attribute classifier judges them as t2i_base does:
+shape, colour, position, count, the one- and two-object prompts apart, the Frechet distance of its
+features against the train split, and per-prompt paired differences against the --reference
+setting at the same scale.
 
   python -m experiments.t2i_samplers --base=workdirs/shapes_base \\
       --results=experiments/results/t2i_samplers
@@ -121,12 +121,14 @@ def parsed_scale(scale: str) -> float:
 def unet_calls(gamma_fn, steps: int, settings: dict, guidance_scale: float) -> int:
     """UNet evaluations per image of a grid sampler (one at each grid point but the last): one per
     step, two at the steps guidance applies to (conditional and unconditional): every step, or
-    those whose gamma lies in the guidance interval."""
-    if guidance_scale == 1.0:
+    those whose gamma lies in the guidance interval (`diffusion.guided_denoise_fn`: scale 1, and 0
+    without an interval, call one half only)."""
+    interval = settings.get("guidance_interval")
+    if guidance_scale == 1.0 or (guidance_scale == 0.0 and interval is None):
         return steps
-    if settings.get("guidance_interval") is None:
+    if interval is None:
         return 2 * steps
-    low, high = settings["guidance_interval"]
+    low, high = interval
     gammas = gamma_fn(time_grid(settings.get("grid", "uniform"), gamma_fn, steps)[:-1])
     return steps + int(((gammas > low) & (gammas <= high)).sum())
 

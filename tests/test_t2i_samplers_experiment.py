@@ -42,6 +42,7 @@ def test_unet_calls_count_two_at_the_guided_steps_and_one_elsewhere():
     steps = 25
     gammas = np.asarray(SD_SCHEDULE(jnp.asarray(np.linspace(1.0, 0.0, steps + 1)[:-1], jnp.float32)))
     assert unet_calls(SD_SCHEDULE, steps, {}, 1.0) == steps
+    assert unet_calls(SD_SCHEDULE, steps, {}, 0.0) == steps
     assert unet_calls(SD_SCHEDULE, steps, {}, 4.0) == 2 * steps
     interval = (-2.55, 2.13)
     inside = int(((gammas > interval[0]) & (gammas <= interval[1])).sum())

@@ -216,12 +216,12 @@ def test_guidance_interval_guides_inside_it_and_takes_the_conditional_prediction
     def interval_guided(z, gamma, condition, null_condition):
         return guided_denoise_fn(conditional_fn, condition, null_condition, 3.0, (-1.0, 1.0))(z, gamma)
 
-    z = jnp.arange(12.0).reshape(4, 3)
+    z, gamma = jnp.arange(12.0).reshape(4, 3), jnp.array([1.0, 0.5, -1.0, 3.0])
     condition, null_condition = jnp.array([1.0, 2.0, -1.0, 0.5]), jnp.array([0.0, 1.0, 3.0, -2.0])
-    conditional = np.asarray(conditional_fn(z, jnp.array([1.0, 0.5, -1.0, 3.0]), condition))
-    unconditional = np.asarray(conditional_fn(z, jnp.array([1.0, 0.5, -1.0, 3.0]), null_condition))
+    conditional = np.asarray(conditional_fn(z, gamma, condition))
+    unconditional = np.asarray(conditional_fn(z, gamma, null_condition))
     guided = unconditional + 3.0 * (conditional - unconditional)
-    found = interval_guided(z, jnp.array([1.0, 0.5, -1.0, 3.0]), condition, null_condition)
+    found = interval_guided(z, gamma, condition, null_condition)
     np.testing.assert_allclose(found, np.concatenate([guided[:2], conditional[2:]]), rtol=1e-6)
     outside = jnp.array([-1.0, -3.0, 3.0, 1.5])
     found = interval_guided(z, outside, condition, null_condition)
