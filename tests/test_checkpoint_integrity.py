@@ -319,8 +319,11 @@ def test_a_state_of_another_structure_is_refused_not_moved(tmp_path):
         store.save(1, small_state(optax.adam(0.1)))
     before = snapshot(tmp_path)
     clipped = small_state(optax.chain(optax.clip_by_global_norm(1.0), optax.adam(0.1)))
-    refusal = r"step 1 .* holds a training state of another structure .*opt_state/"
-    with CheckpointStore(tmp_path, fingerprint=small_fingerprint()) as store, pytest.raises(ValueError, match=refusal):
+    refusal = r"^--config=.*its step 1 holds a training state of another structure .*opt_state/"
+    with (
+        CheckpointStore(tmp_path, fingerprint=small_fingerprint()) as store,
+        pytest.raises(ArgumentError, match=refusal),
+    ):
         restore_latest(store, clipped)
     assert snapshot(tmp_path) == before
 
@@ -364,6 +367,39 @@ def test_num_steps_below_the_checkpoint_warns_and_the_report_says_so(run, tmp_pa
     main.report(result)
     assert f"at step {LATEST} ({note})" in capsys.readouterr().out
     assert snapshot(os.path.join(workdir, "checkpoints")) == before  # nothing saved
+
+
+def refused_resume(run: Run, tmp_path, config) -> str:
+    """The refusal of resuming a copy of the run with `config`; asserts that the copy's checkpoints
+    and saved config were left as they were."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run.workdir, workdir)
+    before = snapshot(workdir)
+    with pytest.raises(ArgumentError) as error:
+        trainer.train_and_evaluate(config, workdir)
+    assert snapshot(workdir) == before
+    return str(error.value)
+
+
+def test_a_resume_with_other_optimizer_settings_is_refused_and_the_saved_config_kept(run, tmp_path):
+    """No clipping changes the optimizer state's structure: one clear error, and config.py is not
+    replaced by the refused config (eval and sample read it)."""
+    config = tiny_config(run.data_dir)
+    config.optimizer.grad_clip_norm = 0.0
+    refusal = refused_resume(run, tmp_path, config)
+    assert refusal.startswith("--config='the given config': expected the optimizer settings of the run in ")
+    assert f"its step {LATEST} holds a training state of another structure" in refusal
+
+
+def test_a_resume_with_substeps_that_do_not_divide_the_step_is_refused(run, tmp_path):
+    """Steps run in calls of `substeps`: from step 4 in calls of 3 no save boundary would be met."""
+    config = tiny_config(run.data_dir, substeps=3, num_steps=6, log_every=3, eval_every=6, checkpoint_every=3)
+    config.training.sample_every = 6
+    refusal = refused_resume(run, tmp_path, config)
+    assert (
+        refusal
+        == f"training.substeps=3: expected a divisor of the step {LATEST} the run resumes from (the steps of one call)"
+    )
 
 
 def workdir_refusal(workdir, writable: bool) -> str:
@@ -455,6 +491,7 @@ def test_the_entry_point_stops_at_once_naming_the_flag_and_creates_nothing(tmp_p
         ),
         ({"data": dict(dataset="cifar10")}, "data.dataset='cifar10': expected a dataset prepared under"),
         ({"training": dict(batch_size=4096)}, "training.batch_size=4096: expected at most the 1437 training examples"),
+        ({"training": dict(seed=-1)}, "training.seed=-1: expected an integer >= 0"),
     ],
 )
 def test_bad_config_stops_training_before_the_workdir_is_created(run, tmp_path, overrides, message):

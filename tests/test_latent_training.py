@@ -15,6 +15,7 @@ import pytest
 
 from configs import shapes_t2i, shapes_vae
 from ddm_jax import diffusion
+from ddm_jax.checks import ArgumentError
 from ddm_jax.data import load_split
 from ddm_jax.models import load_diffusers, save_diffusers
 from ddm_jax.models.latent_diffusion import LatentDiffusion
@@ -263,6 +264,24 @@ def test_a_bad_model_field_is_refused_before_anything_is_built(runs, tmp_path, s
     assert not os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "section, field, value, expected",
+    [
+        ("eval", "sampler", "euler", "eval.sampler='euler': expected one of"),
+        ("eval", "guidance_scale", float("nan"), "eval.guidance_scale=nan: expected a finite real number"),
+        ("data", "augment", "dihedral", "data.augment='dihedral': expected None: the text_to_image task trains"),
+    ],
+)
+def test_a_bad_field_outside_the_model_is_refused_before_anything_is_built(
+    runs, tmp_path, section, field, value, expected
+):
+    config = tiny_t2i_config(runs[0], os.path.dirname(runs[1]["vae"]))
+    config[section][field] = value
+    with pytest.raises(ArgumentError, match="^" + re.escape(expected)):
+        Experiment(config, str(tmp_path))
+    assert not os.listdir(tmp_path)
+
+
 def test_a_vae_config_saved_before_decoder_likelihood_existed_trains_a_gaussian_decoder(runs, tmp_path):
     config = tiny_vae_config(runs[0])
     del config.model["decoder_likelihood"]
@@ -276,8 +295,9 @@ def test_the_text_encoder_starts_from_text_encoder_folder_of_its_own_config(runs
     saved = encoder.init(jax.random.PRNGKey(7), *encoder.example_inputs())["params"]
     save_diffusers(tmp_path / "encoder", "text_encoder", encoder, saved)
     config.model.text_encoder_folder = str(tmp_path / "encoder")
-    task = Experiment(config, str(tmp_path / "pretrained")).task
-    params = task.model_params(task.init(jax.random.PRNGKey(1)))
+    experiment = Experiment(config, str(tmp_path / "pretrained"))
+    assert experiment.init_arguments  # the weights enter the compiled init as its argument
+    params = experiment.task.model_params(jax.device_get(experiment.initial_state().params))
     jax.tree.map(np.testing.assert_array_equal, params["text_encoder"], saved)
     config.model.text_encoder.num_hidden_layers = 2
     with pytest.raises(ValueError, match=re.escape("model.text_encoder_folder=") + ".*expected a text encoder as"):

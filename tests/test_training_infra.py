@@ -14,7 +14,9 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
+from ddm_jax.checks import ArgumentError
 from ddm_jax.evaluation.images import image_grid, sample_grid, save_png, to_uint8, upscale_nearest
+from ddm_jax.training.builders import check_device_split
 from ddm_jax.training.checkpoints import CheckpointStore, make_fingerprint
 from ddm_jax.training.optimizer import learning_rate_fn, make_optimizer
 from ddm_jax.training.sharding import batch_sharded, make_mesh, replicate, replicated, shard_batch
@@ -306,6 +308,21 @@ def test_shard_batch_on_available_devices():
         assert sharded[key].shape == value.shape
         assert sharded[key].sharding == batch_sharded(mesh)
         np.testing.assert_array_equal(np.asarray(sharded[key]), value)
+
+
+@pytest.mark.parametrize(
+    "kind, field",
+    [("vdm", "training.batch_size"), ("vdm", "eval.batch_size"), ("text_to_image", "training.num_samples")],
+)
+def test_batches_the_mesh_splits_must_divide_by_its_devices_before_anything_is_built(kind, field):
+    config = ml_collections.ConfigDict({"training": dict(batch_size=8, num_samples=8), "eval": dict(batch_size=8)})
+    check_device_split(config, 4, kind)
+    section, name = field.split(".")
+    config[section][name] = 6
+    with pytest.raises(ArgumentError) as error:
+        check_device_split(config, 4, kind)
+    assert str(error.value) == f"{field}=6: expected a multiple of the 4 devices of the mesh"
+    check_device_split(config, 2, kind)
 
 
 def test_four_fake_devices_split_the_batch_and_check_divisibility():

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from ddm_jax.data import DatasetSpec, eval_batches, load_split, train_batches
 from ddm_jax.diffusion import shard_rows
@@ -26,6 +27,7 @@ from ddm_jax.models import save_diffusers
 from ddm_jax.models.autoencoder_kl import AutoencoderKL, vae_terms
 from ddm_jax.training.sharding import shard_batch
 from ddm_jax.training.steps import batch_mean
+from ddm_jax.training.train_state import stream_key
 
 
 def to_unit_interval(images: jax.Array) -> jax.Array:
@@ -111,7 +113,8 @@ class AutoencoderTask:
         )
 
     def evaluate(self, params) -> dict:
-        """PSNR and the terms over the eval split (one draw of the latent noise per image)."""
+        """PSNR and the terms over the eval split (one draw of the latent noise per image); with several
+        processes, each reads its rows and every process gets the statistics of all examples."""
         data = self.config.data
         batches = eval_batches(
             self.spec,
@@ -122,14 +125,15 @@ class AutoencoderTask:
             process_count=jax.process_count(),
         )
         moments = {name: MaskedMoments() for name in ("psnr", "reconstruction", "kl", "elbo")}
+        rng = stream_key(self.rng, "eval")
         for index, batch in enumerate(batches):
-            mask = batch["mask"]
             images = shard_batch({"image": batch["image"]}, self.mesh)["image"]
-            reconstructions = np.asarray(jax.device_get(self.reconstruct(params, images)))
-            moments["psnr"].add(np.minimum(psnr(batch["image"], reconstructions), 99.0), mask)
-            terms = jax.device_get(
-                self.eval_terms(params, jax.random.fold_in(self.rng, index), to_unit_interval(images))
+            terms = self.eval_terms(params, jax.random.fold_in(rng, index), to_unit_interval(images))
+            terms, images, reconstructions, mask = multihost_utils.process_allgather(
+                (terms, images, self.reconstruct(params, images), batch["mask"]), tiled=True
             )
+            mask = np.asarray(mask, bool)
+            moments["psnr"].add(np.minimum(psnr(images, reconstructions), 99.0), mask)
             for name in ("reconstruction", "kl", "elbo"):
                 moments[name].add(np.asarray(terms[name]), mask)
         return {

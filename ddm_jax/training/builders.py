@@ -15,6 +15,8 @@ from ddm_jax.checks import ArgumentError, check, check_choice, check_int, check_
 from ddm_jax.data import AUGMENT_COND_DIM, DatasetSpec, check_augment, check_eval_split, dataset_spec
 from ddm_jax.diffusion import SCHEDULES, WEIGHTINGS
 from ddm_jax.diffusion import build_schedule as schedule_by_name
+from ddm_jax.diffusion.samplers import check_settings
+from ddm_jax.evaluation.generate import check_guidance_scale
 from ddm_jax.models import NETWORKS, load_diffusers
 from ddm_jax.models.autoencoder_kl import DECODER_NLL
 from ddm_jax.models.clip_tokenizer import default_tokenizer
@@ -128,6 +130,7 @@ def check_training(training: ml_collections.ConfigDict, evaluation: ml_collectio
         for field in POSITIVE_TRAINING_FIELDS + (("sample_steps",) if kind == "vdm" else ()) + EVERY_N_STEPS_FIELDS:
             check_int(field, training[field], minimum=1)
         check_int("num_steps", training.num_steps, minimum=0)
+        check_int("seed", training.seed, minimum=0)
         for field in ("num_steps",) + EVERY_N_STEPS_FIELDS:
             check(
                 training[field] % training.substeps == 0,
@@ -139,6 +142,17 @@ def check_training(training: ml_collections.ConfigDict, evaluation: ml_collectio
     with config_fields("eval"):
         for field in EVAL_FIELDS[kind]:
             check_int(field, evaluation[field], minimum=1)
+
+
+def check_device_split(config: ml_collections.ConfigDict, num_devices: int, kind: str) -> None:
+    """The batches that are split over the mesh's devices split evenly: training.batch_size; the
+    eval batches of a VDM and an autoencoder; the sample grid of a text-to-image model."""
+    fields = ["training.batch_size"]
+    fields += ["training.num_samples"] if kind == "text_to_image" else ["eval.batch_size"]
+    for field in fields:
+        section, name = field.split(".")
+        value = config[section][name]
+        check(value % num_devices == 0, field, value, f"a multiple of the {num_devices} devices of the mesh")
 
 
 def check_data(data: ml_collections.ConfigDict, batch_size: int) -> DatasetSpec:
@@ -250,6 +264,7 @@ def build_task(config: ml_collections.ConfigDict, mesh, rng, workdir: str):
     config field."""
     kind = task_kind(config)
     check_training(config.training, config.eval, kind)
+    check_device_split(config, mesh.size, kind)
     validate_optimizer_config(config.optimizer)
     spec = check_data(config.data, config.training.batch_size)
     if kind == "vdm":
@@ -257,6 +272,8 @@ def build_task(config: ml_collections.ConfigDict, mesh, rng, workdir: str):
         model = build_vdm(config.model, spec.image_shape, spec.vocab_size, cond_dim=cond_dim)
         return VDMTask(config, spec, model, mesh, rng, workdir)
     check_rgb_images(spec)
+    augment = config.data.get("augment")
+    check(augment is None, "data.augment", augment, f"None: the {kind} task trains on the images as they are")
     if kind == "autoencoder":
         with config_fields("model.vae"):
             vae = module_from_config("vae", config.model.vae.to_dict())
@@ -266,6 +283,9 @@ def build_task(config: ml_collections.ConfigDict, mesh, rng, workdir: str):
             check(config.model.beta >= 0, "beta", config.model.beta, "a weight >= 0")
         return AutoencoderTask(config, spec, vae, mesh, rng, workdir)
     model, loaded = build_latent_diffusion(config.model)
+    with config_fields("eval"):
+        check_settings(config.eval.sampler, {})
+        check_guidance_scale(config.eval.guidance_scale)
     check(
         model.latent_shape(*spec.image_shape[:2])[-1] == model.vae.latent_channels,
         "data.dataset",

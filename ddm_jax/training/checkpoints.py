@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from ddm_jax.checks import PyTree, as_json
+from ddm_jax.checks import PyTree, as_json, check
 
 DAMAGED = "damaged"  # the folder, inside the checkpoint directory, damaged steps are moved to
 _ABSENT = "<absent>"
@@ -313,14 +313,17 @@ class CheckpointStore:
         return state
 
     def _check_same_structure(self, step: int, record: Mapping, target_state: PyTree) -> None:
-        """A state of another structure is a mismatch of settings, not damage: refused, left in place."""
+        """A state of another structure is a mismatch of settings, not damage: refused (the user's
+        mistake, ArgumentError), left in place."""
         differences = fingerprint_differences(record["arrays"], param_shapes(target_state))
-        if differences:
-            raise ValueError(
-                f"checkpoint step {step} in {self.directory} holds a training state of another structure than "
-                f"this run's (checkpoint != now: {_describe(differences)}); did the optimizer settings change? "
-                "Use a new --workdir, or the settings the run was saved with"
-            )
+        check(
+            not differences,
+            "--config",
+            "the given config",
+            f"the optimizer settings of the run in {self.directory}: its step {step} holds a training state of "
+            f"another structure than this config's (checkpoint != now: {_describe(differences)}). Use a new "
+            "--workdir, or the settings the run was saved with",
+        )
 
     def move_aside(self, step: int) -> str:
         """Moves the directory of `step` to `damaged/<step>` (out of orbax's view); returns its new path.

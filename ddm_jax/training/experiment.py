@@ -27,7 +27,7 @@ from ddm_jax.training.checkpoints import (
 from ddm_jax.training.optimizer import make_optimizer
 from ddm_jax.training.sharding import make_mesh, replicate, replicated
 from ddm_jax.training.steps import train_steps
-from ddm_jax.training.train_state import TrainState, create_train_state, initial_params_rng
+from ddm_jax.training.train_state import TrainState, create_train_state, stream_key
 
 SAVED_CONFIG = "config.py"
 
@@ -51,18 +51,23 @@ class Experiment:
 
     @functools.cached_property
     def _init(self):
-        """The initial state's function of the rng, compiled once (run op by op, the score network's
-        init took 7 s of a 2-core CPU)."""
-        return jax.jit(lambda rng: create_train_state(self.task.init(rng), self.optimizer))
+        """The initial state's function of the rng and the task's `init_arguments` (e.g. pretrained
+        parameters), compiled once (run op by op, the score network's init took 7 s of a 2-core CPU)."""
+        return jax.jit(lambda rng, *arguments: create_train_state(self.task.init(rng, *arguments), self.optimizer))
+
+    @property
+    def init_arguments(self) -> tuple:
+        """The arrays the task's init takes after the rng (training/vdm_task.py; most tasks take none)."""
+        return getattr(self.task, "init_arguments", ())
 
     def initial_state(self) -> TrainState:
         """Step 0 (also the target structure of every restore)."""
-        return replicate(self._init(initial_params_rng(self.rng)), self.mesh)
+        return replicate(self._init(stream_key(self.rng, "params"), *self.init_arguments), self.mesh)
 
     def checkpoints(self, read_only: bool = False) -> CheckpointStore:
         """The workdir's checkpoint store; refuses one holding another architecture (before any write).
         read_only: for evaluation and sampling, also of a run that is training."""
-        params = jax.eval_shape(self.task.init, jax.random.PRNGKey(0))
+        params = jax.eval_shape(self.task.init, jax.random.PRNGKey(0), *self.init_arguments)
         spec = self.task.spec
         fingerprint = make_fingerprint(config_architecture(self.config)["model"], params)
         fingerprint["data"] = {

@@ -42,7 +42,7 @@ from ddm_jax.evaluation.images import image_grid, save_png, upscale_nearest
 from ddm_jax.models.clip_text import token_embedding, with_token_embedding
 from ddm_jax.models.latent_diffusion import LatentDiffusion
 from ddm_jax.training.sharding import batch_sharded, replicate
-from ddm_jax.training.train_state import initial_params_rng
+from ddm_jax.training.train_state import stream_key
 
 CAPTION = "caption"
 
@@ -87,7 +87,7 @@ class TextToImageTask:
 
     # The model's parameters ------------------------------------------------------------------------
 
-    def model_init(self, rng):
+    def model_init(self, rng, text_encoder_params=None):
         """The model's {"text_encoder", "unet"} at their modules' initialisation, the text encoder at
         `text_encoder_params` when given (the VAE is not trained here)."""
         keys = dict(zip(("text_encoder", "unet"), jax.random.split(rng), strict=True))
@@ -95,13 +95,19 @@ class TextToImageTask:
             name: getattr(self.model, name).init(keys[name], *getattr(self.model, name).example_inputs())["params"]
             for name in keys
         }
-        if self.text_encoder_params is not None:
-            params["text_encoder"] = self.text_encoder_params
+        if text_encoder_params is not None:
+            params["text_encoder"] = text_encoder_params
         return params
 
-    def init(self, rng):
+    @property
+    def init_arguments(self) -> tuple:
+        """What `init` takes after the rng: the pretrained text encoder's parameters, when given (an
+        argument of the compiled init, not a constant captured in it)."""
+        return () if self.text_encoder_params is None else (self.text_encoder_params,)
+
+    def init(self, rng, text_encoder_params=None):
         """The train state's parameters: `model_init`'s, the token table cut to `trained_token_ids`."""
-        params = self.model_init(rng)
+        params = self.model_init(rng, text_encoder_params)
         text = params["text_encoder"]
         return {**params, "text_encoder": with_token_embedding(text, token_embedding(text)[self.trained_token_ids])}
 
@@ -121,7 +127,7 @@ class TextToImageTask:
         if self.text_encoder_params is not None:
             return np.asarray(token_embedding(self.text_encoder_params))
         table = jax.jit(lambda rng: token_embedding(self.model_init(rng)["text_encoder"]))
-        return np.asarray(table(initial_params_rng(self.rng)))
+        return np.asarray(table(stream_key(self.rng, "params")))
 
     def whole_token_embedding(self, text_encoder_params) -> np.ndarray:
         """The whole token table (host): `initial_token_embedding` with the trained rows in place."""
@@ -238,7 +244,7 @@ class TextToImageTask:
     def evaluate(self, params) -> dict:
         """The loss on the held-out examples (one draw of latent, t and eps each, no prompt dropout)."""
         held_out = {key: self.held_out[key] for key in ("latent_mean", "latent_logvar", "tokens")}
-        key = jax.random.fold_in(self.rng, 1)
+        key = stream_key(self.rng, "eval")
         losses = np.asarray(jax.device_get(self.eval_loss(self.model_params(params), key, held_out)))
         return {
             "loss": float(losses.mean()),
@@ -275,7 +281,7 @@ class TextToImageTask:
         images = self.generate(
             self.model_params(params),
             prompts,
-            jax.random.fold_in(self.rng, 2),
+            stream_key(self.rng, "training_samples"),
             guidance_scale=evaluation.guidance_scale,
             sampler=evaluation.sampler,
             steps=evaluation.sampling_steps,

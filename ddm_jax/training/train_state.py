@@ -18,9 +18,16 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def initial_params_rng(rng: jax.Array) -> jax.Array:
-    """The key of a run's initial parameters, from the key of its seed."""
-    return jax.random.fold_in(rng, 0)
+# The uses of a run's key (jax.random.PRNGKey(training.seed)), each drawing from fold_in(key, its index).
+RNG_STREAMS = ("params", "eval", "training_samples", "train", "sample_mode")
+
+
+def stream_key(rng: jax.Array, stream: str) -> jax.Array:
+    """The key of one use of a run's key (a name of RNG_STREAMS): different uses never share draws.
+
+    params: the initial parameters; eval: held-out losses; training_samples: the sample grids of
+    training; train: the train steps (each folds in its step); sample_mode: --mode=sample."""
+    return jax.random.fold_in(rng, RNG_STREAMS.index(stream))
 
 
 def create_train_state(params: PyTree, optimizer: optax.GradientTransformation) -> TrainState:

@@ -22,9 +22,10 @@ from clu import metric_writers, periodic_actions
 from ddm_jax.checks import check, check_int, check_interval, config_fields
 from ddm_jax.diffusion.samplers import check_settings
 from ddm_jax.training.builders import task_kind
-from ddm_jax.training.checkpoints import restore_latest
+from ddm_jax.training.checkpoints import restore_latest, true_on_any_process
 from ddm_jax.training.experiment import Experiment, resolve_config, save_config
 from ddm_jax.training.sharding import shard_batch
+from ddm_jax.training.train_state import stream_key
 
 
 def first_non_finite_step(history: list[tuple[int, dict]]) -> int | None:
@@ -50,21 +51,28 @@ def progress_line(step: int, num_steps: int, steps_done: int, seconds: float, me
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains for training.num_steps steps (resuming if workdir holds a checkpoint); returns the final eval.
 
-    The config is saved as workdir/config.py. A non-finite loss or gradient stops the run
-    (FloatingPointError naming the step) before that state is checkpointed. SIGTERM (preemption)
-    saves a checkpoint and returns early. Progress with an ETA is printed every training.log_every
-    steps.
+    The config is saved as workdir/config.py once the run has resumed (a config the checkpoint
+    refuses leaves the saved one as it was). A non-finite loss or gradient stops the run
+    (FloatingPointError naming the step) before that state is checkpointed. SIGTERM (preemption) on
+    any process saves a checkpoint and returns early on all. Progress with an ETA is printed every
+    training.log_every steps.
     """
     config = resolve_config(config, workdir)
     experiment = Experiment(config, workdir)
     training = config.training
     with experiment.checkpoints() as store, _preemption_flag() as preempted:
-        save_config(experiment.workdir, config)
         state = experiment.initial_state()
-        writer = metric_writers.create_default_writer(experiment.workdir, just_logging=jax.process_index() > 0)
         start, state = restore_latest(store, state) or (0, state)  # damaged steps are moved aside
         if start:
             logging.info("Resumed from step %d in %s", start, store.directory)
+        check(
+            start % training.substeps == 0 or start >= training.num_steps,
+            "training.substeps",
+            training.substeps,
+            f"a divisor of the step {start} the run resumes from (the steps of one call)",
+        )
+        save_config(experiment.workdir, config)
+        writer = metric_writers.create_default_writer(experiment.workdir, just_logging=jax.process_index() > 0)
         note = None  # why the reported step is not training.num_steps
         if start > training.num_steps:
             note = (
@@ -80,7 +88,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             jax.local_device_count(),
         )
         report = periodic_actions.ReportProgress(num_train_steps=training.num_steps, writer=writer)
-        train_rng = jax.random.fold_in(experiment.rng, 3)
+        train_rng = stream_key(experiment.rng, "train")
         started = time.time()
         logged = (start, started)  # (step, time) of the last progress line
         history, evaluation, samples = [], None, None
@@ -103,8 +111,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             writer.write_images(step, {"samples": result["grid"][None]})
             return result
 
-        step = start
-        while step < training.num_steps and not preempted.is_set():
+        step, stopped = start, False
+        while step < training.num_steps and not (stopped := true_on_any_process(preempted.is_set())):
             state, metrics = experiment.train_steps(
                 state,
                 shard_batch(next_substeps(batches, training.substeps), experiment.mesh, leading_axes=1),
@@ -130,7 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 writer.write_scalars(step, {f"eval/{k}": v for k, v in evaluation.items()})
             if step % training.sample_every == 0 or step == training.num_steps:
                 samples = write_samples(step, state.ema_params)
-        if preempted.is_set() and step > start:
+        if stopped and step > start:
             check_finite(step)
             store.save(step, state, force=True)
             logging.warning("SIGTERM: saved step %d in %s and stopped", step, store.directory)
@@ -141,16 +149,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if samples is None:
             samples = write_samples(step, state.ema_params)
         writer.flush()
-        exports = {} if preempted.is_set() else experiment.export(state, step)
+        exports = {} if stopped else experiment.export(state, step)
         return {
             **evaluation,
             **exports,
             "step": step,
             "resumed_from": start,
-            "preempted": preempted.is_set(),
+            "preempted": stopped,
             "train_seconds": time.time() - started,
             "workdir": experiment.workdir,
-            "checkpoint": os.path.join(store.directory, str(store.latest_step())),
+            "checkpoint": None
+            if store.latest_step() is None
+            else os.path.join(store.directory, str(store.latest_step())),
             "samples": samples["png"],
             "note": note,
         }
@@ -216,7 +226,7 @@ def sample(
     )
     experiment = Experiment(config, workdir)
     step, state = experiment.restore_latest("sample", step)
-    evaluator = experiment.task.sampler(jax.random.fold_in(experiment.rng, 4), num_samples, **settings)
+    evaluator = experiment.task.sampler(stream_key(experiment.rng, "sample_mode"), num_samples, **settings)
     eta_part = "" if eta is None else f"_eta{eta}"
     result = evaluator.run(state.ema_params, f"{sampler}{eta_part}_{steps}steps_{num_samples}samples_checkpoint{step}")
     return {"step": step, "png": result["png"], "npz": result["npz"], "nfe": result["nfe"]}

@@ -1,14 +1,17 @@
 """The VDM as a training task: integer images, the ELBO in bits/dim, bits/dim evaluation, sample grids.
 
 A task is what `Experiment` needs of a model to train, evaluate and sample it on one device mesh:
-  init(rng) -> the train state's params (the model's, or a part of them: text_to_image_task);
+  init(rng, *init_arguments) -> the train state's params (the model's, or a part of them:
+  text_to_image_task);
   loss_fn(params, rng, batch, axis_name) -> ((loss, metrics), grads)
   (training/steps.py);  train_batches(start_step) -> this process's batches;
   evaluate(params) -> {name: value};  samples(params, name) -> {"grid", "png", ...};
   export(params, directory) -> {name: path};  spec, the dataset's DatasetSpec; and optionally
   learning_rate_scales, {part: multiple} of the learning rate for parameters that are a dict of parts
   (0: frozen; `optimizer.make_optimizer`), and fingerprint_data, {name: JSON value} that the
-  train state depends on beyond the data's spec (kept in the checkpoints' fingerprint).
+  train state depends on beyond the data's spec (kept in the checkpoints' fingerprint), and
+  init_arguments, a tuple of arrays `init` takes after the rng (e.g. pretrained parameters, passed to
+  the compiled init as arguments rather than captured in it as constants).
 Tasks are built by the builder layer (`builders.build_task`) and belong to it: they read their
 config's sections.
 """
@@ -25,6 +28,7 @@ from ddm_jax.models import NETWORKS
 from ddm_jax.models.vdm import VDM
 from ddm_jax.training.sharding import replicated, shard_batch
 from ddm_jax.training.steps import vdm_loss_fn
+from ddm_jax.training.train_state import stream_key
 
 BETA_SCHEDULES = ("ddpm_linear", "scaled_linear")
 
@@ -61,12 +65,12 @@ class VDMTask:
         self.bits_per_dim = BitsPerDim(
             lambda params, rng, batch: self.elbo_terms(params, rng, batch["image"], cond=batch["cond"]),
             self.eval_batches,
-            jax.random.fold_in(rng, 1),
+            stream_key(rng, "eval"),
             num_dims=math.prod(spec.image_shape),
             num_time_samples=config.eval.num_time_samples,
         )
         self.training_samples = self.sampler(
-            jax.random.fold_in(rng, 2), config.training.num_samples, steps=config.training.sample_steps
+            stream_key(rng, "training_samples"), config.training.num_samples, steps=config.training.sample_steps
         )
 
     def init(self, rng):
