@@ -22,7 +22,7 @@ def get_config():
     config.steps = 50  # sampling steps (the ODE solver's initial steps)
     config.grid = "uniform"  # time grid: uniform (in t, SD's timesteps) | log_snr | edm
     config.eta = ml_collections.config_dict.placeholder(float)  # ddim only: 0 deterministic .. 1 ancestral
-    config.guidance_scale = 7.5  # classifier-free guidance w; 1: the conditional model alone
+    config.guidance_scale = 7.5  # s = 1 + w of Ho & Salimans' eq. 6 (diffusers'); 1: the conditional model alone
     # (gamma_low, gamma_high): guide only where gamma_low < -log SNR <= gamma_high (Kynkaanniemi et al. 2024),
     # e.g. --config.guidance_interval=-2.55,2.13 for EDM's sigma in (0.28, 2.9]; None: at every step
     config.guidance_interval = ml_collections.config_dict.placeholder(tuple)

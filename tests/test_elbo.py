@@ -222,6 +222,26 @@ def test_unknown_parameterization_and_weighting_are_refused():
         diffusion.diffusion_loss(jax.random.PRNGKey(0), x, lambda z, g: z, lambda t: t, weighting="l1")
 
 
+@pytest.mark.parametrize("T", [-1, 2.5])
+def test_diffusion_loss_refuses_a_T_that_is_not_an_integer_at_least_0(T):
+    def never_called(z, gamma):
+        raise AssertionError("the denoiser ran: the error came after tracing")
+
+    with pytest.raises(ValueError, match=re.escape(f"T={T!r}: expected an integer >= 0")):
+        diffusion.diffusion_loss(jax.random.PRNGKey(0), gaussian_batch(0, 4), never_called, lambda t: t, T=T)
+
+
+@pytest.mark.parametrize("parameterization, sign", [("eps", 1.0), ("v", 1.0), ("x0", -1.0), ("score", -1.0)])
+def test_target_and_eps_scale_map_a_prediction_error_to_eps_space(parameterization, sign):
+    """eps - eps_hat = sign * scale * (target - prediction), eps_hat from `eps_from` (an independent conversion)."""
+    x, eps, prediction = jax.random.normal(jax.random.PRNGKey(6), (3, 5, 2))
+    gamma = jnp.array([-6.0, -1.0, 0.0, 2.5, 8.0])
+    z = diffusion.q_sample(x, gamma, eps)
+    target, scale = diffusion.target_and_eps_scale(x, eps, z, gamma, parameterization)
+    eps_hat = diffusion.eps_from(prediction, z, gamma, parameterization)
+    np.testing.assert_allclose(eps - eps_hat, sign * scale * (target - prediction), rtol=1e-4, atol=1e-4)
+
+
 def test_posterior_matches_bayes_rule_in_alphabar_form():
     """The gamma form of q(z_s | z_t, x) equals the seed's mu_q and Sigma_q in alphabar form."""
     gamma_s, gamma_t = jnp.float32(-2.0), jnp.float32(0.5)

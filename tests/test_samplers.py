@@ -138,6 +138,46 @@ def test_ddim_with_eta_1_is_ancestral_sampling():
     assert rms(run("ddim", eta=0.5), ancestral) > 0.1
 
 
+def test_ancestral_mean_is_the_posterior_mean_at_the_predicted_x0():
+    """ancestral_step (eps form) = mu_q + sigma_q noise of process.posterior at x = x0_from_eps(eps_hat)."""
+    z_t, eps_hat, noise = jax.random.normal(jax.random.PRNGKey(2), (3, 4, 3))
+    gamma_t, gamma_s = jnp.array([-3.0, 0.5, 2.0, 7.0]), jnp.array([-5.0, -0.2, 1.9, 3.0])
+    mean, variance = diffusion.posterior(z_t, diffusion.x0_from_eps(eps_hat, z_t, gamma_t), gamma_s, gamma_t)
+    np.testing.assert_allclose(samplers.ancestral_step(z_t, eps_hat, gamma_t, gamma_s, 0.0), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        samplers.ancestral_step(z_t, eps_hat, gamma_t, gamma_s, noise),
+        mean + np.sqrt(variance) * noise,
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_latents_get_float32_gamma_and_t(dtype):
+    """The denoiser sees the gamma (and, in the PF-ODE drift, the gamma of t) that float32 latents
+    get; in bfloat16, gamma = 9.3 would be 9.3125 and t = 0.3 would be 0.30078125."""
+
+    def gamma_seen(run, latent_dtype):
+        seen = []
+
+        def denoiser(z, gamma):
+            seen.append(gamma)
+            return jnp.zeros_like(z)
+
+        run(denoiser, jnp.ones((2, 3), latent_dtype))
+        return seen[0]
+
+    runs = {
+        "predicted_eps": lambda denoiser, z: samplers.predicted_eps(denoiser, "eps", z, jnp.float32(9.3)),
+        "drift": lambda denoiser, z: samplers.probability_flow_drift(denoiser, gamma_fn)(jnp.float32(0.3), z),
+    }
+    for name, run in runs.items():
+        low, full = gamma_seen(run, dtype), gamma_seen(run, jnp.float32)
+        assert low.dtype == jnp.float32, name
+        np.testing.assert_array_equal(low, full, err_msg=name)
+    np.testing.assert_array_equal(gamma_seen(runs["drift"], dtype), gamma_fn(jnp.full((2,), 0.3, jnp.float32)))
+
+
 @pytest.fixture(scope="module")
 def noise_z_1():
     return jax.random.normal(jax.random.PRNGKey(1), (4096, 3))
@@ -334,6 +374,14 @@ def never_called(z, gamma):
         (
             lambda: samplers.sample("ddim", None, never_called, gamma_fn, (2, 3), steps=10, parameterization="y"),
             "parameterization='y'",
+        ),
+        (
+            lambda: samplers.ddim_step(jnp.zeros((2, 3)), jnp.zeros((2, 3)), 1.0, 0.0, eta=0.5),
+            r"noise=None: expected a noise array like z_t for eta=0.5",
+        ),
+        (
+            lambda: samplers.ddim_step(jnp.zeros((2, 3)), jnp.zeros((2, 3)), 1.0, 0.0, eta=jnp.float32(0.0)),
+            r"noise=None: expected a noise array like z_t for eta=Array",
         ),
         (lambda: samplers.ddim_invert(never_called, gamma_fn, jnp.zeros((2, 3)), steps=0), "steps=0"),
         (

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddm_jax.checks import check_choice
+from ddm_jax.checks import check_choice, check_int
 from ddm_jax.diffusion.parameterization import PARAMETERIZATIONS, target_and_eps_scale
 from ddm_jax.diffusion.process import alpha_sigma, encode, q_sample
 
@@ -105,10 +105,11 @@ def per_example_normal(rng: jax.Array, shape, rows=None) -> jax.Array:
 
 
 def sample_times(rng: jax.Array, batch_size: int, *, T: int = 0, antithetic: bool = True, rows=None) -> jax.Array:
-    """t in (0, 1] for the `rows` of a batch of `batch_size` (default: all B of them).
+    """t for the `rows` of a batch of `batch_size` (default: all B of them): in [0, 1) for T = 0,
+    on the grid {1/T, ..., 1} for T > 0 steps.
 
     Low-discrepancy t_b = mod(u + b / B, 1) with one u per batch (VDM, appendix I.1), or i.i.d.
-    uniform(fold_in(rng, b)). With T > 0 steps, t is rounded up onto the grid {1/T, ..., 1}, so
+    uniform(fold_in(rng, b)), both in [0, 1). With T > 0, t is rounded up onto the grid, so
     s = t - 1/T >= 0.
     """
     if antithetic:
@@ -204,10 +205,14 @@ def diffusion_loss(
       x: encoded data [B, ...] (this shard's rows of the batch when `rows` is given).
       denoise_fn: (z_t, gamma_t [B]) -> the prediction `parameterization` names.
       gamma_fn: t [B] -> gamma [B], increasing and differentiable.
-      T: 0 for continuous time, else the number of steps.
+      T: 0 for continuous time, else the number of steps (a Python int >= 0).
+      parameterization: what denoise_fn predicts, a key of PARAMETERIZATIONS ("eps", "x0", "v",
+        "score"); its error is mapped to eps-space exactly (`target_and_eps_scale`).
       antithetic: low-discrepancy times (one uniform per batch) instead of i.i.d. ones.
+      weighting: w(t), a key of WEIGHTINGS ("elbo", "simple", "min_snr", "v_mse").
       rows, batch_size: this shard's positions in a batch of batch_size (default: all of x).
     """
+    check_int("T", T, minimum=0)
     check_choice("parameterization", parameterization, PARAMETERIZATIONS)
     check_choice("weighting", weighting, WEIGHTINGS)
     t, eps = diffusion_draws(rng, x.shape, T=T, antithetic=antithetic, rows=rows, batch_size=batch_size)

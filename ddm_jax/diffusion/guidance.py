@@ -1,11 +1,12 @@
 """Classifier-free guidance as a transform of the denoiser (Ho & Salimans 2022, eq. 6).
 
-    prediction = prediction_uncond + w (prediction_cond - prediction_uncond)
+    prediction = prediction_uncond + s (prediction_cond - prediction_uncond)
 
-With w = 1 this is the conditional prediction, with w = 0 the unconditional one. Every
+Eq. 6 writes (1 + w) eps_cond - w eps_uncond; the scale s here is its 1 + w (diffusers'
+guidance_scale), so s = 1 is the conditional prediction alone and s = 0 the unconditional one. Every
 parameterization (eps, x0, v, score) is affine in the prediction with coefficients that depend
 only on (z, gamma), which both halves share, so guiding the raw prediction is the same as guiding
-eps_hat. Both halves run as one batched call of the network; w = 1 and w = 0 need one half only.
+eps_hat. Both halves run as one batched call of the network; s = 1 and s = 0 need one half only.
 
 Guidance in a limited interval (Kynkaanniemi et al. 2024) guides only at the noise levels
 gamma_low < gamma <= gamma_high (gamma = -log SNR; their sigma, EDM's, is exp(gamma / 2)) and
@@ -24,14 +25,14 @@ def guided_denoise_fn(
     guidance_scale: float,
     guidance_interval: tuple[float, float] | None = None,
 ):
-    """denoise_fn(z, gamma) of classifier-free guidance with scale `guidance_scale` (a Python float).
+    """denoise_fn(z, gamma) of classifier-free guidance with scale s = `guidance_scale` (a Python float).
 
     Args:
       conditional_fn: (z [B, ...], gamma [B], condition [B, ...]) -> prediction [B, ...].
       condition: the conditioning of each example, [B, ...] (e.g. text embeddings).
       null_condition: the unconditional ("empty prompt") or negative-prompt conditioning, the
         shape of `condition`.
-      guidance_scale: w; 1 and 0 skip the batched call and run the needed half alone.
+      guidance_scale: s = 1 + w of eq. 6; 1 and 0 skip the batched call and run the needed half alone.
       guidance_interval: None (guidance at every noise level) or (gamma_low, gamma_high), Python
         floats: guidance where gamma_low < gamma <= gamma_high, the conditional prediction elsewhere.
     Returns:

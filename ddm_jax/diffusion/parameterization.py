@@ -56,7 +56,8 @@ def x0_from_eps(eps, z, gamma):
 def target_and_eps_scale(x, eps, z, gamma, parameterization: str):
     """The regression target of a parameterization and the factor that maps its error to eps-space.
 
-    eps - eps_hat = scale * (target - prediction), exactly, with
+    eps - eps_hat = +-scale * (target - prediction), exactly: + for eps and v, - for x0 and score
+    (whose predictions fall as eps_hat rises), so |eps - eps_hat| = scale |target - prediction|, with
       eps: (eps, 1), x0: (x, alpha / sigma = exp(-gamma / 2)), v: (v, alpha), score: (-eps / sigma, sigma).
     Computing the loss this way never divides the prediction by a small sigma.
     """

@@ -29,7 +29,7 @@ import diffrax
 import jax
 import jax.numpy as jnp
 
-from ddm_jax.checks import check, check_choice, check_int, check_interval
+from ddm_jax.checks import check, check_choice, check_int, check_interval, is_real
 from ddm_jax.diffusion.parameterization import PARAMETERIZATIONS, eps_from, x0_from_eps
 from ddm_jax.diffusion.process import alpha_sigma, broadcast_to_data, posterior_coefficient
 from ddm_jax.diffusion.time_grids import GRIDS, time_grid
@@ -59,9 +59,15 @@ def ddim_step(z_t, eps_hat, gamma_t, gamma_s, *, eta=0.0, noise=None):
 
     z_s = alpha_s x_hat + sigma_s sqrt(1 - eta^2 c) eps_hat + eta sigma_s sqrt(c) noise,
     x_hat = (z_t - sigma_t eps_hat) / alpha_t. eta = 1 has the ancestral variance sigma_s^2 c
-    (and the ancestral mean). noise=None gives the deterministic step (eta = 0), which also runs
-    forward in time (gamma_s > gamma_t): DDIM inversion.
+    (and the ancestral mean). noise=None is the deterministic step and needs eta = 0 (a Python
+    number); it also runs forward in time (gamma_s > gamma_t): DDIM inversion.
     """
+    check(
+        noise is not None or (is_real(eta) and eta == 0),
+        "noise",
+        noise,
+        f"a noise array like z_t for eta={eta!r} (noise=None is the deterministic step, eta = 0)",
+    )
     gamma_s, gamma_t = broadcast_to_data(gamma_s, z_t), broadcast_to_data(gamma_t, z_t)
     alpha_s, sigma_s = alpha_sigma(gamma_s)
     x_hat = x0_from_eps(eps_hat, z_t, gamma_t)
@@ -94,9 +100,15 @@ def check_sampler_settings(steps, parameterization: str, grid: str) -> None:
     check_choice("grid", grid, GRIDS)
 
 
+def per_example_time(value, z) -> jax.Array:
+    """A scalar t or gamma as a [B] array for the batch z, in float32 (z's dtype when wider): in
+    z's bfloat16 or float16 it would be quantised (bfloat16 steps gamma by 0.0625 in [8, 16))."""
+    return jnp.full((z.shape[0],), value, jnp.result_type(z.dtype, jnp.float32))
+
+
 def predicted_eps(denoise_fn, parameterization: str, z, gamma):
     """eps_hat(z; gamma) for a scalar gamma (broadcast to the batch) from a prediction of any kind."""
-    gamma = jnp.full((z.shape[0],), gamma, z.dtype)
+    gamma = per_example_time(gamma, z)
     return eps_from(denoise_fn(z, gamma), z, gamma, parameterization)
 
 
@@ -266,7 +278,7 @@ def probability_flow_drift(denoise_fn, gamma_fn, parameterization: str = "eps"):
     """
 
     def drift(t, z):
-        t = jnp.full((z.shape[0],), t, z.dtype)
+        t = per_example_time(t, z)
         gamma, gamma_slope = jax.jvp(gamma_fn, (t,), (jnp.ones_like(t),))
         eps_hat = eps_from(denoise_fn(z, gamma), z, gamma, parameterization)
         _, sigma = alpha_sigma(broadcast_to_data(gamma, z))

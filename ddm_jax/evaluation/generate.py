@@ -1,11 +1,12 @@
 """Text-to-image generation with a latent diffusion model (`models.latent_diffusion.LatentDiffusion`).
 
 prompts -> CLIP ids -> text states c; negative prompts (the empty prompt by default) -> c_null;
-classifier-free guidance (Ho & Salimans 2022, eq. 6), prediction = p(c_null) + w (p(c) - p(c_null)),
-as `diffusion.guided_denoise_fn` (both halves in one batched UNet call; w = 1 one conditional
-call), at every noise level or in a limited interval of them (Kynkaanniemi et al. 2024); latents
-z_1 ~ N(0, I), drawn per example; any sampler of `diffusion.SAMPLERS` from t = 1 to t = 0; the VAE
-decodes z_0; uint8 RGB.
+classifier-free guidance (Ho & Salimans 2022, eq. 6), prediction = p(c_null) + s (p(c) - p(c_null))
+with s = 1 + w of eq. 6, as `diffusion.guided_denoise_fn` (both halves in one batched UNet call;
+s = 1 one conditional call), at every noise level or in a limited interval of them (Kynkaanniemi
+et al. 2024); latents z_1 ~ N(0, I), row b from fold_in(key, b) (`diffusion.per_example_normal`), so
+an example's draw depends neither on the batch around it nor on the mesh; any sampler of
+`diffusion.SAMPLERS` from t = 1 to t = 0; the VAE decodes z_0; uint8 RGB.
 
 Everything from the ids to the decoded images is one jitted function whose arguments are the
 parameters, the ids and the key (compiled once per model, sampler settings, guidance scale and
@@ -19,12 +20,11 @@ import re
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from ddm_jax.checks import PyTree, check, check_int, is_real
-from ddm_jax.diffusion import guided_denoise_fn, sample
+from ddm_jax.diffusion import guided_denoise_fn, per_example_normal, sample
 from ddm_jax.diffusion.samplers import check_settings
 from ddm_jax.evaluation.images import save_png
 from ddm_jax.models.latent_diffusion import LatentDiffusion
@@ -44,7 +44,7 @@ def as_prompt_list(argument: str, prompts: str | Sequence[str]) -> list[str]:
 
 
 def check_guidance_scale(guidance_scale) -> float:
-    """A finite real number w, as a Python float (the jitted function is specialised on it)."""
+    """A finite real number s, as a Python float (the jitted function is specialised on it)."""
     check(
         is_real(guidance_scale) and math.isfinite(guidance_scale),
         "guidance_scale",
@@ -67,12 +67,6 @@ def check_guidance_interval(guidance_interval) -> tuple[float, float] | None:
         "None or (gamma_low, gamma_high), real numbers with gamma_low < gamma_high (gamma = -log SNR)",
     )
     return float(bounds[0]), float(bounds[1])
-
-
-def per_example_normal(rng: jax.Array, batch: int, shape: tuple[int, ...]) -> jax.Array:
-    """[batch, *shape] with row b = normal(fold_in(rng, b), shape): an example's draw does not depend on
-    the batch around it or on the mesh."""
-    return jax.vmap(lambda b: jax.random.normal(jax.random.fold_in(rng, b), shape))(jnp.arange(batch))
 
 
 def images_to_uint8(images: np.ndarray) -> np.ndarray:
@@ -119,7 +113,7 @@ def sample_images(
         model.conditional_fn(params["unet"]), context, null_context, guidance_scale, guidance_interval
     )
     z_1 = jax.lax.with_sharding_constraint(
-        per_example_normal(rng_latents, token_ids.shape[0], latent_shape), batch_sharding
+        per_example_normal(rng_latents, (token_ids.shape[0], *latent_shape)), batch_sharding
     )
     z_0, info = sample(
         sampler,
@@ -158,11 +152,13 @@ def generate(
       params: its parameters {"text_encoder", "unet", "vae"}.
       prompts: a str or a list of str. A prompt of more than 75 tokens is cut to its first 75
         with a UserWarning (`CLIPTokenizer`).
-      rng: the key of the initial latents (row b from fold_in(rng, b)) and of the sampler's noise.
+      rng: split into the key of the initial latents (row b from fold_in(that key, b)) and that of
+        the sampler's noise.
       negative_prompts: the unconditional half of guidance: None (the empty prompt), one str for
         every prompt, or one per prompt. Unused when guidance_scale is 1.
-      guidance_scale: w of classifier-free guidance; 1 is the conditional model alone (one UNet
-        call per step), 0 the unconditional one.
+      guidance_scale: s = 1 + w of classifier-free guidance (Ho & Salimans' eq. 6; diffusers'
+        guidance_scale); 1 is the conditional model alone (one UNet call per step), 0 the
+        unconditional one.
       guidance_interval: None (guidance at every step) or (gamma_low, gamma_high): guidance only
         at the noise levels gamma_low < gamma <= gamma_high (gamma = -log SNR, EDM's sigma =
         exp(gamma / 2)), the conditional prediction alone (one UNet call) at the others.
