@@ -5,6 +5,8 @@ import html
 import importlib.resources
 import json
 import random
+import re
+import unicodedata
 import warnings
 
 import numpy as np
@@ -12,7 +14,9 @@ import pytest
 
 from ddm_jax.checks import ArgumentError
 from ddm_jax.models import clip_tokenizer
+from ddm_jax.models.clip_text import CLIPTextModel
 from ddm_jax.models.clip_tokenizer import CLIPTokenizer, clip_tokenize, default_tokenizer
+from ddm_jax.models.latent_diffusion import load_tokenizer
 
 START, END = 49406, 49407
 
@@ -121,9 +125,10 @@ TEXTS = HARD_CASES + generated_texts(300)
 
 
 def reference_cleaned(text: str) -> str:
-    """OpenAI CLIP's basic_clean without ftfy: HTML unescaped twice, ends stripped. The other
-    implementation lower-cases and splits on whitespace itself but does neither of these."""
-    return html.unescape(html.unescape(text)).strip()
+    """OpenAI CLIP's basic_clean with ftfy reduced to NFC: NFC, HTML unescaped twice, ends
+    stripped. The other implementation lower-cases and splits on whitespace itself but does none
+    of these."""
+    return html.unescape(html.unescape(unicodedata.normalize("NFC", text))).strip()
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +195,17 @@ def test_normalisation_without_ftfy(tokenizer):
     assert encode("it’s") != encode("it's")  # ftfy would straighten the quote
 
 
+@pytest.mark.parametrize(
+    "decomposed, composed",
+    [("cafe\u0301", "caf\u00e9"), ("Cre\u0300me Bru\u0302le\u0301e", "Crème Brûlée"), ("\u1100\u1161", "\uac00")],
+)
+def test_text_is_nfc_normalised(tokenizer, decomposed, composed):
+    """As ftfy.fix_text, transformers' BasicTokenizer and CLIPTokenizerFast: canonically equivalent
+    spellings give the same ids."""
+    assert decomposed != composed and unicodedata.normalize("NFC", decomposed) == composed
+    assert tokenizer.encode(decomposed) == tokenizer.encode(composed)
+
+
 def test_shipped_files_load_through_importlib_resources():
     assets = importlib.resources.files("ddm_jax.models").joinpath("assets")
     assert assets.joinpath("bpe_simple_vocab_16e6.txt.gz").is_file()
@@ -253,6 +269,70 @@ def test_from_files_errors(tmp_path):
         CLIPTokenizer.from_files(*write_tiny_tokenizer(tmp_path, TINY_VOCABULARY, ["l o w"]))
     with pytest.raises(ArgumentError, match="vocab_json"):
         CLIPTokenizer.from_files(tmp_path / "absent.json", tmp_path / "merges.txt")
+
+
+SPECIAL_TOKENS_DECODER = {
+    str(i): {
+        "content": token,
+        "lstrip": False,
+        "normalized": True,
+        "rstrip": False,
+        "single_word": False,
+        "special": True,
+    }
+    for token, i in (("!", 0), ("<|startoftext|>", START), ("<|endoftext|>", END))
+}
+
+
+def write_shipped_tokenizer(folder):
+    """A diffusers tokenizer/ folder holding the shipped vocabulary: vocab.json and merges.txt."""
+    folder.mkdir(parents=True)
+    merges = [" ".join(pair) for pair in clip_tokenizer.shipped_merges()]
+    return write_tiny_tokenizer(folder, default_tokenizer().encoder, merges)
+
+
+def test_listed_special_tokens_in_the_vocabulary_are_accepted(tmp_path):
+    """SD-1.x/2.x folders list "<|startoftext|>", "<|endoftext|>" (and SD-2's "!") as added tokens
+    under their vocab.json ids."""
+    files = write_shipped_tokenizer(tmp_path / "tokenizer")
+    config = {"added_tokens_decoder": SPECIAL_TOKENS_DECODER, "pad_token": "!"}
+    (tmp_path / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(config))
+    added = [{"id": int(i), **token} for i, token in SPECIAL_TOKENS_DECODER.items()]
+    (tmp_path / "tokenizer" / "tokenizer.json").write_text(json.dumps({"added_tokens": added}))
+    assert CLIPTokenizer.from_files(*files).encode("a <|endoftext|>!") == [320, END, 256]
+    assert load_tokenizer(tmp_path, CLIPTextModel(vocab_size=49408))[1] == 0
+
+
+CAT_TOY = {"id": 49408, "content": "<cat-toy>"}
+
+
+@pytest.mark.parametrize(
+    "name, content, refused",
+    [
+        ("added_tokens.json", {"<cat-toy>": 49408}, "{'<cat-toy>': 49408}"),
+        (
+            "tokenizer_config.json",
+            {"added_tokens_decoder": SPECIAL_TOKENS_DECODER | {"49408": CAT_TOY}},
+            "{'<cat-toy>': 49408}",
+        ),
+        (
+            "tokenizer.json",
+            {"added_tokens": [{"id": START, "content": "<|startoftext|>"}, CAT_TOY]},
+            "{'<cat-toy>': 49408}",
+        ),
+        ("added_tokens.json", {"cat</w>": 49408}, "{'cat</w>': 49408}"),  # vocab.json has it as 2368
+    ],
+)
+def test_added_tokens_beyond_the_vocabulary_are_refused(tmp_path, name, content, refused):
+    """A textual-inversion or DreamBooth folder: its added token would otherwise be split into BPE
+    pieces silently. The error names the file and only the tokens vocab.json lacks."""
+    files = write_shipped_tokenizer(tmp_path / "tokenizer")
+    (tmp_path / "tokenizer" / name).write_text(json.dumps(content))
+    expected = "^" + re.escape(f"{tmp_path / 'tokenizer' / name}={refused}: expected no added tokens beyond vocab.json")
+    with pytest.raises(ArgumentError, match=expected):
+        CLIPTokenizer.from_files(*files)
+    with pytest.raises(ArgumentError, match=expected):
+        load_tokenizer(tmp_path, CLIPTextModel(vocab_size=49409))
 
 
 @pytest.mark.parametrize(

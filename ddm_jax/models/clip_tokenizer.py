@@ -1,10 +1,12 @@
 """CLIP's byte-level BPE tokenizer (Radford et al., 2021, "Learning Transferable Visual Models From
 Natural Language Supervision"), as the text encoders of Stable Diffusion 1.x/2.x read prompts.
 
-A text is normalised as OpenAI CLIP's `simple_tokenizer.py` does when ftfy is left out: HTML
-entities unescaped twice, runs of whitespace collapsed to one space, ends stripped, lower-cased.
-(Without ftfy.fix_text, mojibake, curly quotes, full-width forms, ligatures and text not in NFC
-are tokenized as they are; the reference with ftfy repairs them first.)
+A text is normalised as OpenAI CLIP's `simple_tokenizer.py` does, ftfy.fix_text reduced to its
+Unicode NFC normalisation: NFC first (as ftfy, transformers' BasicTokenizer and CLIPTokenizerFast
+do, so "e" + U+0301 and "é" give the same ids), then HTML entities unescaped twice, runs of
+whitespace collapsed to one space, ends stripped, lower-cased. (Without the rest of ftfy.fix_text,
+mojibake, curly quotes, full-width forms and ligatures are tokenized as they are; the reference
+with ftfy repairs them first.)
 It is split into pieces by one regular expression (the two special tokens, English contractions,
 runs of letters, single digits, runs of other non-space characters); each piece's UTF-8 bytes are
 written as printable characters (GPT-2's byte-to-unicode table, Radford et al., 2019), "</w>" is
@@ -30,6 +32,7 @@ import itertools
 import json
 import math
 import os
+import unicodedata
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -53,6 +56,14 @@ PIECE_PATTERN = regex.compile(
     regex.IGNORECASE,
 )
 WHITESPACE_RUN = regex.compile(r"\s+")
+# (content, id) of the added tokens each file of a transformers tokenizer folder lists.
+ADDED_TOKEN_LISTS = {
+    "added_tokens.json": lambda data: data.items(),
+    "tokenizer_config.json": lambda data: [
+        (t["content"], int(i)) for i, t in data.get("added_tokens_decoder", {}).items()
+    ],
+    "tokenizer.json": lambda data: [(t["content"], t["id"]) for t in data.get("added_tokens", [])],
+}
 
 
 @functools.lru_cache(maxsize=1)
@@ -74,9 +85,9 @@ def byte_order_vocabulary(merges: Sequence[tuple[str, str]]) -> list[str]:
 
 
 def normalize_text(text: str) -> str:
-    """OpenAI CLIP's text cleaning without ftfy: HTML entities unescaped twice, whitespace runs
-    collapsed to one space, ends stripped, lower-cased."""
-    text = html.unescape(html.unescape(text))
+    """OpenAI CLIP's text cleaning with ftfy reduced to NFC: NFC, HTML entities unescaped twice,
+    whitespace runs collapsed to one space, ends stripped, lower-cased."""
+    text = html.unescape(html.unescape(unicodedata.normalize("NFC", text)))
     return WHITESPACE_RUN.sub(" ", text).strip().lower()
 
 
@@ -143,6 +154,25 @@ def check_vocabulary(vocabulary: Mapping[str, int]) -> None:
         )
 
 
+def check_added_tokens(folder: str | os.PathLike, vocabulary: Mapping[str, int]) -> None:
+    """Raises ArgumentError naming the file and the tokens (content -> id) when a transformers
+    tokenizer folder lists added tokens (textual inversion, DreamBooth) that `vocabulary` lacks or
+    gives another id: transformers matches them whole before BPE, which this tokenizer does not,
+    so they would be split into BPE pieces."""
+    for name, listed in ADDED_TOKEN_LISTS.items():
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as file:
+                unknown = {token: i for token, i in listed(json.load(file)) if vocabulary.get(token) != i}
+            check(
+                not unknown,
+                path,
+                unknown,
+                "no added tokens beyond vocab.json: transformers matches them whole before BPE (textual "
+                "inversion, DreamBooth), which this tokenizer does not support",
+            )
+
+
 def check_text(argument: str, text) -> None:
     """A str that is valid Unicode text."""
     check(isinstance(text, str) and is_unicode_text(text), argument, text, "a str of valid Unicode text")
@@ -186,7 +216,9 @@ class CLIPTokenizer:
             per line, by rank.
 
         Returns:
-          The tokenizer with that vocabulary and those merges.
+          The tokenizer with that vocabulary and those merges. Raises ArgumentError naming the file
+          when added_tokens.json, tokenizer_config.json ("added_tokens_decoder") or tokenizer.json
+          beside vocab_json lists added tokens that vocab.json lacks (`check_added_tokens`).
         """
         for argument, path in (("vocab_json", vocab_json), ("merges_txt", merges_txt)):
             check(os.path.isfile(path), argument, path, "an existing file")
@@ -195,9 +227,11 @@ class CLIPTokenizer:
         with open(merges_txt, encoding="utf-8") as file:
             merges = parse_merges(file, "merges_txt")
         try:
-            return cls(merges, vocabulary)
+            tokenizer = cls(merges, vocabulary)
         except ArgumentError as error:
             raise error.renamed(error.argument.replace("vocabulary", "vocab_json", 1)) from None
+        check_added_tokens(os.path.dirname(vocab_json), tokenizer.encoder)
+        return tokenizer
 
     def _bpe_uncached(self, piece: str) -> tuple[str, ...]:
         """The BPE tokens of one piece already written in byte characters."""

@@ -132,7 +132,8 @@ def load_tokenizer(folder: pathlib.Path, text_encoder: CLIPTextModel) -> tuple[C
     shipped OpenAI CLIP vocabulary. The pad token is the one the tokenizer folder declares, else
     the family's (FAMILY_PAD_TOKENS by the text encoder's hidden_act). Raises ArgumentError
     naming `folder` when the tokenizer has ids the text encoder's embedding does not (ids >=
-    vocab_size), or the pad token is not in the vocabulary.
+    vocab_size), or the pad token is not in the vocabulary; naming the file when the folder lists
+    added tokens (textual inversion, DreamBooth) that vocab.json lacks (`CLIPTokenizer.from_files`).
     """
     vocab, merges = folder / TOKENIZER / "vocab.json", folder / TOKENIZER / "merges.txt"
     has_files = vocab.is_file() and merges.is_file()
@@ -343,14 +344,16 @@ class LatentDiffusion:
         variables = {"params": unet_params}
         return self.unet.apply(variables, z, self.timestep(gamma), context, **residuals)
 
-    def conditional_fn(self, unet_params: PyTree, **residuals):
-        """(z, gamma, context) -> prediction, as `diffusion.guided_denoise_fn` takes it."""
-        return lambda z, gamma, context: self.predict(unet_params, z, gamma, context, **residuals)
+    def conditional_fn(self, unet_params: PyTree):
+        """(z, gamma, context) -> prediction, as `diffusion.guided_denoise_fn` takes it. (ControlNet
+        residuals depend on z and gamma, and guidance doubles the batch: a controlled model computes
+        them inside such a function, rather than closing over fixed ones.)"""
+        return lambda z, gamma, context: self.predict(unet_params, z, gamma, context)
 
-    def denoise_fn(self, unet_params: PyTree, context: jax.Array, **residuals):
+    def denoise_fn(self, unet_params: PyTree, context: jax.Array):
         """denoise_fn(z, gamma) -> prediction with the text conditioning `context` closed over: the
         function every sampler of `diffusion.SAMPLERS` takes (with parameterization=self.parameterization)."""
-        return lambda z, gamma: self.predict(unet_params, z, gamma, context, **residuals)
+        return lambda z, gamma: self.predict(unet_params, z, gamma, context)
 
     # Images <-> latents -----------------------------------------------------------------------------
 
