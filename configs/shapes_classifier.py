@@ -3,14 +3,18 @@ and gives the features of the Frechet distance on shapes (ddm_jax.evaluation.sha
 
 A three-stage CNN (ddm_jax.evaluation.classifier) with the heads shapes_metrics.HEADS, reading
 the image with its palette colours and colour boundaries (shapes_metrics.classifier_inputs),
-trained with AdamW on the shapes train split in a few minutes on 2 CPU cores; it writes
-DIR/classifier.npz and the record experiments/results/shapes_classifier.{npz,md,json}: the
-committed .npz is the project's classifier, the one every text-to-image record is judged by.
+trained with AdamW on the shapes train split: 3000 steps, 2615 s (about 44 minutes) for the
+committed weights on a slow 2-core AMD EPYC shared with other jobs, 375 s for an earlier instance
+on the earlier sessions' faster, also shared, cores (experiments/results/shapes_classifier.md).
+It writes DIR/classifier.npz and the record RESULTS/shapes_classifier.{npz,md,json};
+experiments/results/shapes_classifier.npz, committed, is the project's classifier, the one every
+text-to-image record is judged by, so a retraining needs a new --results (the script refuses to
+overwrite it).
 
   python -m experiments.train_shapes_classifier --config=configs/shapes_classifier.py \\
-      --workdir=workdirs/shapes_classifier
+      --workdir=workdirs/shapes_classifier --results=workdirs/shapes_classifier/results
   python -m experiments.train_shapes_classifier --config=configs/shapes_classifier.py --workdir=/tmp/c \\
-      --config.data.dataset=shapes/64 --config.classifier.channels='(32, 64, 128, 128)'
+      --results=/tmp/c/results --config.data.dataset=shapes/64 --config.classifier.channels='(32, 64, 128, 128)'
 """
 
 import ml_collections

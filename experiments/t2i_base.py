@@ -32,10 +32,11 @@ Stages, each skipped when its output exists (so a killed run continues where it 
      paired per-prompt differences against the recipe's model; kept in WORKDIR/variant_<name>.json;
   6. prompt sensitivity of the recipe's model and of each variant: how far one changed word of a
      prompt moves the predicted clean latent, per attribute and noise level.
-Writes experiments/results/t2i_base.{md,json} and t2i_base_prompt_*.png; reading notes below
-the line "<!-- notes -->" of an existing t2i_base.md are kept.
+Writes RESULTS/t2i_base.{md,json} and t2i_base_prompt_*.png (--results, experiments/results by
+default, whose committed t2i_base.md is an older recipe's record: give a new folder); reading
+notes below the line "<!-- notes -->" of an existing t2i_base.md are kept.
 
-  python -m experiments.t2i_base --workdir=workdirs/t2i_base
+  python -m experiments.t2i_base --workdir=workdirs/t2i_base --results=workdirs/t2i_base/results
 """
 
 import copy

@@ -1,8 +1,9 @@
 """Trains the shapes attribute classifier and measures the metrics built on it.
 
-Writes WORKDIR/classifier.npz and the record experiments/results/shapes_classifier.{npz,md,json}
-(the .npz there is the project's classifier, the one experiments/t2i_base.py judges with, committed
-so that records made on other machines are judged by the same network):
+Writes WORKDIR/classifier.npz and the record RESULTS/shapes_classifier.{npz,md,json} (--results,
+experiments/results by default; the .npz there is the project's classifier, the one
+experiments/t2i_base.py judges with, committed so that records made on other machines are judged
+by the same network, so in a clone the run needs a new --results: it refuses to overwrite it):
   - the accuracy of each head on the test split (and on the first test-size images of train);
   - prompt scoring (`score_images`) of the test images against their own captions (what a
     perfect generator scores) and against the next image's caption (mismatched prompts);
@@ -10,7 +11,8 @@ so that records made on other machines are judged by the same network):
     noise; `neighbour_blur`), and the colour segmentation's IoU against the ground-truth masks;
   - the Frechet distance to the train split of sample sets from perfect to broken.
 
-  python -m experiments.train_shapes_classifier --config=configs/shapes_classifier.py --workdir=workdirs/shapes_classifier
+  python -m experiments.train_shapes_classifier --config=configs/shapes_classifier.py \\
+      --workdir=workdirs/shapes_classifier --results=workdirs/shapes_classifier/results
 """
 
 import json
