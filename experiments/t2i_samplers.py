@@ -10,8 +10,7 @@ shape, colour, position, count, the one- and two-object prompts apart, the Frech
 features against the train split, and per-prompt paired differences against the --reference
 setting at the same scale.
 
-  python -m experiments.t2i_samplers --base=workdirs/shapes_base \\
-      --results=experiments/results/t2i_samplers
+  python -m experiments.t2i_samplers --base=workdirs/shapes_base --results=workdirs/t2i_samplers
 
 Writes RESULTS/NAME.{md,json}; reading notes below "<!-- notes -->" of an existing .md are
 kept.

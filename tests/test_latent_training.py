@@ -270,6 +270,7 @@ def test_a_bad_model_field_is_refused_before_anything_is_built(runs, tmp_path, s
         ("eval", "sampler", "euler", "eval.sampler='euler': expected one of"),
         ("eval", "guidance_scale", float("nan"), "eval.guidance_scale=nan: expected a finite real number"),
         ("data", "augment", "dihedral", "data.augment='dihedral': expected None: the text_to_image task trains"),
+        ("training", "num_samples", 10**6, "training.num_samples=1000000: expected at most eval.num_examples="),
     ],
 )
 def test_a_bad_field_outside_the_model_is_refused_before_anything_is_built(

@@ -2,9 +2,10 @@
 Natural Language Supervision"), as the text encoders of Stable Diffusion 1.x/2.x read prompts.
 
 A text is normalised as OpenAI CLIP's `simple_tokenizer.py` does, ftfy.fix_text reduced to its
-Unicode NFC normalisation: NFC first (as ftfy, transformers' BasicTokenizer and CLIPTokenizerFast
-do, so "e" + U+0301 and "é" give the same ids), then HTML entities unescaped twice, runs of
-whitespace collapsed to one space, ends stripped, lower-cased. (Without the rest of ftfy.fix_text,
+HTML unescaping and Unicode NFC normalisation: HTML entities unescaped twice, then NFC (as ftfy,
+which normalises after its own unescaping, transformers' BasicTokenizer and CLIPTokenizerFast do,
+so "e" + U+0301, "e&#769;" and "é" give the same ids), runs of whitespace collapsed to one space,
+ends stripped, lower-cased. (Without the rest of ftfy.fix_text,
 mojibake, curly quotes, full-width forms and ligatures are tokenized as they are; the reference
 with ftfy repairs them first.)
 It is split into pieces by one regular expression (the two special tokens, English contractions,
@@ -85,9 +86,9 @@ def byte_order_vocabulary(merges: Sequence[tuple[str, str]]) -> list[str]:
 
 
 def normalize_text(text: str) -> str:
-    """OpenAI CLIP's text cleaning with ftfy reduced to NFC: NFC, HTML entities unescaped twice,
+    """OpenAI CLIP's text cleaning with ftfy reduced to NFC: HTML entities unescaped twice, NFC,
     whitespace runs collapsed to one space, ends stripped, lower-cased."""
-    text = html.unescape(html.unescape(unicodedata.normalize("NFC", text)))
+    text = unicodedata.normalize("NFC", html.unescape(html.unescape(text)))
     return WHITESPACE_RUN.sub(" ", text).strip().lower()
 
 

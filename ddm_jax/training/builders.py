@@ -287,6 +287,12 @@ def build_task(config: ml_collections.ConfigDict, mesh, rng, workdir: str):
         check_settings(config.eval.sampler, {})
         check_guidance_scale(config.eval.guidance_scale)
     check(
+        config.training.num_samples <= config.eval.num_examples,
+        "training.num_samples",
+        config.training.num_samples,
+        f"at most eval.num_examples={config.eval.num_examples} (the sample grid's prompts are held-out examples)",
+    )
+    check(
         model.latent_shape(*spec.image_shape[:2])[-1] == model.vae.latent_channels,
         "data.dataset",
         spec.name,

@@ -106,7 +106,10 @@ class TextToImageTask:
         return () if self.text_encoder_params is None else (self.text_encoder_params,)
 
     def init(self, rng, text_encoder_params=None):
-        """The train state's parameters: `model_init`'s, the token table cut to `trained_token_ids`."""
+        """The train state's parameters: `model_init`'s, the token table cut to `trained_token_ids`;
+        the text encoder at `text_encoder_params`, by default the task's (`init_arguments`)."""
+        if text_encoder_params is None:
+            text_encoder_params = self.text_encoder_params
         params = self.model_init(rng, text_encoder_params)
         text = params["text_encoder"]
         return {**params, "text_encoder": with_token_embedding(text, token_embedding(text)[self.trained_token_ids])}

@@ -111,8 +111,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             writer.write_images(step, {"samples": result["grid"][None]})
             return result
 
-        step, stopped = start, False
-        while step < training.num_steps and not (stopped := true_on_any_process(preempted.is_set())):
+        # A SIGTERM to any process stops all at the same step (one collective a step with several
+        # processes, so each waits for its device there).
+        step = start
+        while step < training.num_steps and not true_on_any_process(preempted.is_set()):
             state, metrics = experiment.train_steps(
                 state,
                 shard_batch(next_substeps(batches, training.substeps), experiment.mesh, leading_axes=1),
@@ -138,6 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 writer.write_scalars(step, {f"eval/{k}": v for k, v in evaluation.items()})
             if step % training.sample_every == 0 or step == training.num_steps:
                 samples = write_samples(step, state.ema_params)
+        stopped = true_on_any_process(preempted.is_set())  # also a SIGTERM during the last step
         if stopped and step > start:
             check_finite(step)
             store.save(step, state, force=True)
