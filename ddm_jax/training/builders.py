@@ -147,12 +147,12 @@ def check_training(training: ml_collections.ConfigDict, evaluation: ml_collectio
 def check_device_split(config: ml_collections.ConfigDict, num_devices: int, kind: str) -> None:
     """The batches that are split over the mesh's devices split evenly: training.batch_size; the
     eval batches of a VDM and an autoencoder; the sample grid of a text-to-image model."""
-    fields = ["training.batch_size"]
-    fields += ["training.num_samples"] if kind == "text_to_image" else ["eval.batch_size"]
-    for field in fields:
-        section, name = field.split(".")
+    split = ("training", "num_samples") if kind == "text_to_image" else ("eval", "batch_size")
+    for section, name in (("training", "batch_size"), split):
         value = config[section][name]
-        check(value % num_devices == 0, field, value, f"a multiple of the {num_devices} devices of the mesh")
+        check(
+            value % num_devices == 0, f"{section}.{name}", value, f"a multiple of the {num_devices} devices of the mesh"
+        )
 
 
 def check_data(data: ml_collections.ConfigDict, batch_size: int) -> DatasetSpec:
